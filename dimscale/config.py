@@ -1,0 +1,261 @@
+"""Typed run configuration: JSON files in configs/ -> validated dataclasses.
+
+One module serves the trainer, the launcher and the tools. Every section is a dataclass; unknown keys,
+wrong types and impossible combinations raise ConfigError with one line that names the key and the fix,
+before any process group starts.
+
+    cfg = load_config("configs/dim_h_512.json", overrides=["train.lr=1e-4", "model.name=DiM-S/2"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """The DiM backbone (dimscale/models/dim.py). Width/depth/patch come from the zoo name."""
+    name: str = "DiM-S/2"            # zoo entry: DiM-T/2 (debug), DiM-S/2, DiM-L/2, DiM-H/2
+    in_channels: int = 4             # 4 = SD-VAE latents, 3 = RGB pixels, 1 = grey pixels
+    input_size: int = 32             # latent (or pixel) side the pos-emb is allocated for
+    num_classes: int = 1000          # null class id for CFG = num_classes
+    pad_mode: str = "lateral"        # 'lateral' (official 256) | 'rho_pad' (official 512 / upsampling)
+    mixer: str = "mamba"             # 'mamba' | 'attention' (matched transformer baseline)
+    scan_backend: str = "auto"       # 'auto' | 'cuda' (mamba-ssm kernels) | 'chunked' | 'ref'
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """Discrete DDPM objective and sampling defaults (dim-reference.md §3.1, §4.1)."""
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (§3.1)
+    p_uncond: float = 0.1            # label -> null class probability (CFG training, §1.10)
+    sampler: str = "dpm++"           # 'dpm++' | 'ddim'
+    sample_steps: int = 50
+    cfg_scale: float = 0.4           # U-ViT form eps = eps_c + s (eps_c - eps_u); DiT's w = 1 + s
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they become model inputs."""
+    shards: str = ""                 # manifest.json of tools/make_shards.py, or a folder holding one
+    resolution: int = 256            # image side in pixels at which this stage trains
+    latent: str = "none"             # 'none' (pixel space) | 'moments' (VAE moments in shards) | 'online' (encode with VAE)
+    vae_path: str = ""               # local diffusers AutoencoderKL folder (latent='online', sampling)
+    vae_scale: float = 0.18215
+    buckets: dict = field(default_factory=dict)  # optional table: bucket name -> {"prob": p, "micro_batch": n}
+    num_workers: int = 2
+    random_flip: bool = True
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Budgets are in images (EDM2's kimg), not steps."""
+    total_images: int = 1_000_000
+    global_batch: int = 256
+    micro_batch: int = 32            # per rank, per micro-step; accumulation = global / (micro * world)
+    lr: float = 2e-4
+    betas: tuple = (0.99, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.03
+    no_decay_marked: bool = False    # exclude params marked _no_weight_decay (official: decay everything)
+    warmup_images: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "bf16"          # 'bf16' | 'fp32'
+    zero_stage: int = 2
+    seed: int = 0
+    ckpt_every_images: int = 100_000
+    keep_checkpoints: int = 3
+    snapshot_every_images: int = 100_000
+    sample_every_images: int = 100_000
+    log_every_steps: int = 10
+    max_nonfinite_in_a_row: int = 10
+    wandb: str = "off"               # 'online' | 'offline' | 'off'
+    wandb_project: str = "dimscale"
+
+
+@dataclass
+class InitConfig:
+    """Where a stage's weights start (weak-to-strong finetune, §3.4)."""
+    after_stage: str = ""            # config name of the stage this one follows (launcher chains them)
+    snapshot: str = ""               # EMA snapshot folder to initialise from ('' = from scratch)
+
+
+@dataclass
+class RunConfig:
+    """A whole training stage."""
+    name: str = "run"
+    out_dir: str = "runs"            # the run folder is out_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dict <-> dataclass with type checks
+# ------------------------------------------------------------------------------------------------
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check `value` against the annotated type; ints are accepted for floats, lists for tuples."""
+    if typ is Any:
+        return value
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {type(value).__name__} {value!r}")
+        return from_dict(typ, value, where)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if typ in (str, bool, dict, list) and not isinstance(value, typ):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`; unknown keys are an error naming the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; value is parsed as JSON, else kept as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value (e.g. train.lr=1e-4)")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation of combinations that types cannot express
+# ------------------------------------------------------------------------------------------------
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
+    """Raise ConfigError for impossible settings; `world_size` enables the batch divisibility check."""
+    from dimscale.models import MODEL_ZOO  # late import: config must load without torch work
+
+    m, t, d, dif = cfg.model, cfg.train, cfg.data, cfg.diffusion
+    if m.name not in MODEL_ZOO:
+        raise ConfigError(f"model.name '{m.name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
+    choices = {
+        "model.pad_mode": (m.pad_mode, ("lateral", "rho_pad")),
+        "model.mixer": (m.mixer, ("mamba", "attention")),
+        "model.scan_backend": (m.scan_backend, ("auto", "cuda", "chunked", "ref")),
+        "data.latent": (d.latent, ("none", "moments", "online")),
+        "train.precision": (t.precision, ("bf16", "fp32")),
+        "train.wandb": (t.wandb, ("online", "offline", "off")),
+        "diffusion.sampler": (dif.sampler, ("dpm++", "ddim")),
+    }
+    for key, (val, ok) in choices.items():
+        if val not in ok:
+            raise ConfigError(f"{key} = '{val}' is not one of {', '.join(ok)}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage = {t.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2 or 3")
+    if not 0.0 <= dif.p_uncond < 1.0:
+        raise ConfigError(f"diffusion.p_uncond = {dif.p_uncond} must be in [0, 1)")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay = {t.ema_decay} must be in (0, 1)")
+    for key in ("total_images", "global_batch", "micro_batch"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive")
+    if world_size is not None and t.global_batch % (t.micro_batch * world_size) != 0:
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch x world size = "
+            f"{t.micro_batch} x {world_size}; set global_batch to a multiple of {t.micro_batch * world_size}")
+    if d.latent == "online" and not d.vae_path:
+        raise ConfigError("data.latent = 'online' needs data.vae_path: a local diffusers AutoencoderKL folder")
+    patch = MODEL_ZOO[m.name]["patch"]
+    side = d.resolution // 8 if d.latent != "none" else d.resolution
+    if side % patch:
+        raise ConfigError(f"data.resolution = {d.resolution} gives a {side}-wide model input, not divisible "
+                          f"by the patch size {patch}")
+    expected_c = 4 if d.latent != "none" else None
+    if expected_c is not None and m.in_channels != expected_c:
+        raise ConfigError(f"model.in_channels = {m.in_channels} but SD-VAE latents have 4 channels")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def load_config(path: str, overrides: Optional[list] = None, world_size: Optional[int] = None) -> RunConfig:
+    """Read a JSON config, apply `key=value` overrides, type-check and validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; pass a JSON file from configs/ (e.g. configs/dim_s_cpu.json)")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+    data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for o in overrides or []:
+        apply_override(data, o)
+    cfg = from_dict(RunConfig, data)
+    return validate(cfg, world_size)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""EMA snapshots: the weights that sampling and FID load, without DeepSpeed (EDM2's snapshot/checkpoint split).
+
+A snapshot is a folder:
+    ema.safetensors   fp32 EMA weights of the DiM (keys of DiM.state_dict())
+    snapshot.json     {"model": ModelConfig dict, "data": {...resolution, latent, vae_scale},
+                       "images_seen": int, "run": name, ...}
+It is written under a temporary name and renamed into place, so a crash never leaves half a snapshot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dimscale.config import ModelConfig, from_dict
+
+WEIGHTS, META = "ema.safetensors", "snapshot.json"
+
+
+def save_snapshot(folder: str, state_dict: dict, model_cfg: ModelConfig | dict, meta: dict | None = None) -> str:
+    """Write `state_dict` (fp32, contiguous) and its config into `folder` atomically; returns the folder."""
+    import dataclasses
+    model = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, os.path.join(tmp, WEIGHTS))
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump({"model": model, **(meta or {})}, f, indent=2)
+    old = folder.rstrip("/") + ".old"
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_snapshot(folder: str) -> tuple[dict, dict]:
+    """(state_dict, meta) of a snapshot folder; a clear error if it is not one."""
+    wpath, mpath = os.path.join(folder, WEIGHTS), os.path.join(folder, META)
+    if not (os.path.isfile(wpath) and os.path.isfile(mpath)):
+        raise FileNotFoundError(f"'{folder}' is not an EMA snapshot (needs {WEIGHTS} and {META}); "
+                                f"pass a folder written by dimscale/train.py, e.g. runs/NAME/snapshots/latest")
+    with open(mpath) as f:
+        meta = json.load(f)
+    return load_file(wpath), meta
+
+
+def load_snapshot(folder: str, device: str | torch.device = "cpu", **model_overrides):
+    """Build the DiM a snapshot describes and load its EMA weights; returns (model in eval mode, meta)."""
+    from dimscale.models import build_model
+    state, meta = read_snapshot(folder)
+    cfg = from_dict(ModelConfig, {**meta["model"], **model_overrides})
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
