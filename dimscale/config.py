@@ -61,7 +61,9 @@ class DataConfig:
     buckets: dict = field(default_factory=dict)  # optional table: bucket name -> {"prob": p, "micro_batch": n}
     num_workers: int = 2
     random_flip: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000       # samples permuted together inside a shard (a window; resumable, no state)
+    channels: int = 3                # model input channels in pixel space: grey shards are replicated to 3, RGB -> 1 is luma
+    shard_url: str = ""              # '' = shards next to the manifest; else a template, e.g. 'pipe:curl -s https://host/x/{shard}'
 
 
 @dataclass

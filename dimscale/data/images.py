@@ -1,0 +1,57 @@
+"""Image helpers shared by tools/make_shards.py and the loader: mode conversion and resize + center-crop."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+# Quality of the one resampling step. Pillow's JPEG draft (DCT-domain 1/2, 1/4, 1/8 downscale while decoding)
+# runs first when the source is at least twice the target: much faster and close to an area filter.
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+def to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to 'RGB' (channels=3) or 'L' (channels=1); alpha is composited onto white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grey: Pillow's convert('L') clips at 255 instead of scaling, so scale by hand.
+        a = np.asarray(im, dtype=np.int64)
+        peak = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
+        im = Image.fromarray((a * 255 // max(peak, 1)).clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    want = "RGB" if channels == 3 else "L"
+    return im if im.mode == want else im.convert(want)
+
+
+def crop_box(w: int, h: int, tw: int, th: int) -> tuple:
+    """Largest centered box of aspect tw:th inside a w x h image (left, top, right, bottom) in float pixels."""
+    scale = max(tw / w, th / h)
+    cw, ch = tw / scale, th / scale
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return (left, top, left + cw, top + ch)
+
+
+def resize_center_crop(im: Image.Image, tw: int, th: int, channels: int) -> Image.Image:
+    """Decode `im` (lazily opened), convert to RGB/L, scale so it covers tw x th, and center-crop (one resample)."""
+    if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        w, h = im.size
+        scale = max(tw / w, th / h)
+        im.draft("RGB" if channels == 3 else "L", (int(w * scale + 1), int(h * scale + 1)))
+    im = to_mode(im, channels)
+    if im.size == (tw, th):
+        return im
+    return im.resize((tw, th), RESAMPLE, box=crop_box(*im.size, tw, th))
+
+
+def decode(data: bytes, tw: int, th: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> (th, tw, channels) uint8 array at the target size."""
+    im = resize_center_crop(Image.open(io.BytesIO(data)), tw, th, channels)
+    a = np.asarray(im)
+    return a[:, :, None] if a.ndim == 2 else a

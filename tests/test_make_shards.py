@@ -1,0 +1,194 @@
+"""tools/make_shards.py on real data: Fashion-MNIST rows and wallpaper-photo crops with corrupt files mixed in."""
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_fixtures import BAD_FILES, FASHION, fashion_images, fashion_labels, make_photo_tree, require_data, \
+    run_make_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tar_samples(path):
+    """{key: {ext: bytes}} of one shard, read with plain tarfile (independent of the loader)."""
+    out = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def sha(path):
+    return hashlib.sha1(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    src = tmp_path_factory.mktemp("photos")
+    info = make_photo_tree(str(src))
+    out = src.parent / "photo_shards"
+    assert run_make_shards(src, out, "--resolution", 64, "--shard-size", 8, "--workers", 2) == 0
+    return info, out, json.load(open(out / "manifest.json"))
+
+
+def test_fashion_mnist_grey_png_shards_and_manifest(tmp_path):
+    require_data()
+    n = 300
+    assert run_make_shards(FASHION, tmp_path, "--resolution", 32, "--format", "png", "--limit", n,
+                           "--shard-size", 128, "--workers", 2) == 0
+    m = json.load(open(tmp_path / "manifest.json"))
+    assert m["source"]["kind"] == "idx" and m["tool_version"] and m["channels"] == 1
+    assert m["class_map"]["T-shirt/top"] == 0 and m["class_map"]["Ankle boot"] == 9 and m["num_classes"] == 10
+    assert m["total"] == n and m["skipped"] == {}
+    assert [s["count"] for s in m["buckets"]["32x32"]["shards"]] == [128, 128, 44]
+    assert all(e["count"] == 0 for b, e in m["buckets"].items() if b != "32x32")  # 28x28 is square
+    labels, images = fashion_labels(n), fashion_images(n)
+    assert m["class_counts"] == {str(c): int(k) for c, k in enumerate(np.bincount(labels, minlength=10))}
+    seen = 0
+    for shard in m["buckets"]["32x32"]["shards"]:
+        for key, s in tar_samples(tmp_path / shard["url"]).items():
+            meta = json.loads(s["json"])
+            row = int(meta["key"].split("-")[1])
+            assert int(s["cls"]) == labels[row] == meta["label"] and meta["orig_size"] == [28, 28]
+            im = Image.open(io.BytesIO(s["png"]))
+            assert im.mode == "L" and im.size == (32, 32)  # grey stays single-channel
+            back = np.asarray(im.resize((28, 28), Image.Resampling.BILINEAR), dtype=np.float32).ravel()
+            dist = np.abs(images.reshape(n, -1).astype(np.float32) - back).mean(1)
+            assert dist.argmin() == row  # the stored picture is that row (upscaled), no other
+            seen += 1
+    assert seen == n
+
+
+def test_buckets_by_nearest_aspect_one_bucket_per_shard(photos):
+    info, out, m = photos
+    assert m["total"] == info["good"]
+    assert m["bucket_table"][0] == [64, 64] and len(m["bucket_table"]) == 9
+    found = {}
+    for name, entry in m["buckets"].items():
+        assert sum(s["count"] for s in entry["shards"]) == entry["count"]
+        for shard in entry["shards"]:
+            assert shard["url"].startswith(name + "-")
+            for s in tar_samples(out / shard["url"]).values():
+                meta = json.loads(s["json"])
+                assert meta["bucket"] == name  # a shard holds one bucket only
+                im = Image.open(io.BytesIO(s["jpg"]))
+                assert im.size == tuple(entry["size"]) and im.mode == "RGB"
+                w, h = meta["orig_size"]
+                bw, bh = entry["size"]
+                # no other bucket of the table is nearer in log aspect ratio
+                d = abs(np.log(w / h) - np.log(bw / bh))
+                assert all(d <= abs(np.log(w / h) - np.log(x / y)) + 1e-12 for x, y in m["bucket_table"])
+                found[meta["key"]] = name
+    for key, bucket in info["known"].items():
+        assert found[key] == bucket, key
+
+
+def test_bad_inputs_counted_and_odd_modes_converted(photos):
+    info, out, m = photos
+    assert m["skipped"] == BAD_FILES
+    keys = {}
+    for entry in m["buckets"].values():
+        for shard in entry["shards"]:
+            for s in tar_samples(out / shard["url"]).values():
+                keys[json.loads(s["json"])["key"]] = np.asarray(Image.open(io.BytesIO(s["jpg"])), np.float32)
+    for mode in ("mode_cmyk", "mode_16bit", "mode_palette", "mode_rgba", "mode_la"):
+        (key,) = [k for k in keys if k.endswith(mode)]
+        assert keys[key].shape == (64, 64, 3)
+    ramp = keys["class_1/mode_16bit"]
+    assert 100 < ramp.mean() < 155 and ramp.min() < 30  # 16-bit scaled to 8-bit, not clipped to white
+    rgba = keys["class_0/mode_rgba"]
+    assert rgba.mean() > 100  # half-transparent over white, not over black
+
+
+def test_rerun_resumes_keeps_finished_shards(tmp_path):
+    require_data()
+    args = [FASHION, tmp_path, "--resolution", 32, "--format", "jpg", "--limit", 200, "--shard-size", 40,
+            "--workers", 1, "--channels", 3]
+    assert run_make_shards(*args) == 0
+    tars = sorted(p for p in os.listdir(tmp_path) if p.endswith(".tar"))
+    before = {t: (sha(tmp_path / t), os.stat(tmp_path / t).st_mtime_ns) for t in tars}
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    # An interrupted run: no manifest, one shard gone, one without its sidecar, one stale .tmp.
+    os.remove(tmp_path / "manifest.json")
+    os.remove(tmp_path / tars[1])
+    os.remove(tmp_path / tars[3].replace(".tar", ".json"))
+    shutil.copy(tmp_path / tars[2], tmp_path / (tars[2] + ".tmp"))
+    time.sleep(0.01)
+    assert run_make_shards(*args) == 0
+    for t in tars:
+        assert sha(tmp_path / t) == before[t][0], t  # redone shards are byte-identical
+        rewritten = os.stat(tmp_path / t).st_mtime_ns != before[t][1]
+        assert rewritten == (t in (tars[1], tars[3])), t
+    again = json.load(open(tmp_path / "manifest.json"))
+    assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in manifest.items() if k != "created"}
+
+
+def test_killed_run_resumes_to_same_result(tmp_path):
+    require_data()
+    args = [FASHION, None, "--resolution", 32, "--format", "png", "--limit", 1200, "--shard-size", 30,
+            "--workers", 1, "--no-progress"]
+    full = tmp_path / "full"
+    assert run_make_shards(*[full if a is None else a for a in args]) == 0
+    part = tmp_path / "part"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "make_shards.py")] + [str(part if a is None else a) for a in args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (part.exists() and any(p.endswith(".tar") for p in os.listdir(part))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = [p for p in os.listdir(part) if p.endswith(".tar")]
+    assert 0 < len(finished_before) < 40 and not (part / "manifest.json").exists()
+    assert run_make_shards(*[part if a is None else a for a in args]) == 0
+    tars = sorted(p for p in os.listdir(full) if p.endswith(".tar"))
+    assert tars == sorted(p for p in os.listdir(part) if p.endswith(".tar"))
+    assert all(sha(full / t) == sha(part / t) for t in tars)
+    assert not [p for p in os.listdir(part) if p.endswith(".tmp")]
+
+
+def test_jobs_write_disjoint_shards_and_last_one_writes_manifest(tmp_path):
+    require_data()
+    base = [FASHION, tmp_path, "--resolution", 32, "--format", "png", "--limit", 250, "--shard-size", 50,
+            "--workers", 1, "--num-jobs", 2]
+    assert run_make_shards(*base, "--job-index", 0) == 0
+    job0 = {p for p in os.listdir(tmp_path) if p.endswith(".tar")}
+    assert job0 == {"32x32-00000.tar", "32x32-00002.tar", "32x32-00004.tar"}
+    assert not (tmp_path / "manifest.json").exists()
+    assert run_make_shards(*base, "--job-index", 1) == 0
+    m = json.load(open(tmp_path / "manifest.json"))
+    assert m["total"] == 250 and len(m["buckets"]["32x32"]["shards"]) == 5
+
+
+def test_labels_file_and_nothing_usable(tmp_path):
+    require_data()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    images, labels = fashion_images(20), fashion_labels(20)
+    names = ["shoe" if l in (5, 7, 9) else "other" for l in labels]
+    with open(flat / "labels.csv", "w") as f:
+        f.write("file,label\n")
+        for i, (im, name) in enumerate(zip(images, names)):
+            Image.fromarray(im).save(flat / f"img{i:02d}.png")
+            f.write(f"img{i:02d}.png,{name}\n")
+    assert run_make_shards(flat, tmp_path / "out", "--labels", flat / "labels.csv", "--resolution", 32,
+                           "--channels", 1, "--workers", 1) == 0
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert m["class_map"] == {"other": 0, "shoe": 1} and m["source"]["kind"] == "labels"
+    assert m["class_counts"] == {"0": names.count("other"), "1": names.count("shoe")}
+    junk = tmp_path / "junk" / "a"
+    junk.mkdir(parents=True)
+    (junk / "x.jpg").write_bytes(b"")
+    (junk / "y.png").write_text("nope")
+    assert run_make_shards(junk.parent, tmp_path / "junk_out", "--resolution", 32, "--workers", 1) == 1
