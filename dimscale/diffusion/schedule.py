@@ -1,0 +1,98 @@
+"""Discrete DDPM noise schedule and training objective (dim-reference.md §3.1, §1.10).
+
+Index convention (U-ViT / DiM `Schedule`): the network step n runs 1..T and
+    alphas_cumprod[n - 1] = ᾱ_n = prod_{k<=n} (1 - β_k),     x_n = √ᾱ_n x0 + √(1 - ᾱ_n) ε.
+The samplers see the same schedule in continuous time t = n / T (DPM-Solver's NoiseScheduleVP('discrete')):
+log α_t is the piecewise-linear interpolation of ½ log ᾱ_n over the knots t_n = n / T, and the network gets T·t.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear f(x) through knots (xp increasing, fp); the end segments extend to ±inf."""
+    idx = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+class Schedule:
+    """SD 'scaled-linear' betas, β_n = linspace(√β_start, √β_end, T)² (train_ldm_discrete.py L23), in float64."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        if num_timesteps < 2 or not 0.0 < beta_start < beta_end < 1.0:
+            raise ValueError(f"Schedule(num_timesteps={num_timesteps}, beta_start={beta_start}, beta_end={beta_end}): "
+                             f"need num_timesteps >= 2 and 0 < beta_start < beta_end < 1")
+        self.num_timesteps = T = num_timesteps
+        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)          # [n - 1] -> ᾱ_n
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)          # [n - 1] -> SNR_n, decreasing
+        self.t_knots = torch.arange(1, T + 1, dtype=torch.float64) / T        # t_n = n / T
+        self.log_alpha_knots = 0.5 * torch.log(self.alphas_cumprod)           # log α at t_n
+
+    @classmethod
+    def from_config(cls, cfg) -> "Schedule":
+        """Build from a DiffusionConfig (or anything with num_timesteps, beta_start, beta_end)."""
+        return cls(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+
+    # ---- continuous time t in [1/T, 1], as DPM-Solver's NoiseScheduleVP('discrete') ----
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log α_t, linear in t between the knots t_n = n / T."""
+        return _interp(t.double(), self.t_knots.to(t.device), self.log_alpha_knots.to(t.device))
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ_t = √(1 - α_t²) (variance preserving)."""
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def lam(self, t: torch.Tensor) -> torch.Tensor:
+        """Half log-SNR λ_t = log α_t - log σ_t (DPM-Solver's time variable)."""
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2.0 * la))
+
+    def t_of_lam(self, lam: torch.Tensor) -> torch.Tensor:
+        """Inverse of lam(): log α = -½ log(1 + e^{-2λ}), then t by inverting the log α interpolation."""
+        la = -0.5 * torch.logaddexp(torch.zeros_like(lam, dtype=torch.float64), -2.0 * lam.double())
+        return _interp(la, self.log_alpha_knots.flip(0).to(lam.device), self.t_knots.flip(0).to(lam.device))
+
+    # ---- discrete steps n in 1..T ----
+
+    def q_sample(self, x0: torch.Tensor, n: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_n = √ᾱ_n x0 + √(1 - ᾱ_n) ε for integer steps n (B,) in 1..T; x0, noise (B, ...)."""
+        abar = self.alphas_cumprod.to(x0.device)[n.long() - 1].view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt().to(x0.dtype) * x0 + (1.0 - abar).sqrt().to(x0.dtype) * noise
+
+
+def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by `null_class` with probability p (CFG training, §1.10: p_uncond 0.1 / 0.15).
+
+    The official code does this in the dataset (CFGDataset); we do it in the training step so data stays clean.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"drop_labels: p = {p} must be in [0, 1) (diffusion.p_uncond)")
+    gen_device = generator.device if generator is not None else y.device
+    drop = torch.rand(y.shape, generator=generator, device=gen_device).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def training_loss(model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
+                  generator: torch.Generator | None = None, bf16_timesteps: bool = False) -> torch.Tensor:
+    """ε-prediction MSE (LSimple, §3.1): n ~ U{1..T}, loss = mean over all elements of (ε - ε_θ(x_n, n, y))².
+
+    bf16_timesteps replicates the official quirk: `Schedule.sample` returns n in x0's dtype (bf16), so the
+    network sees n rounded to steps of 2 above 256 and of 4 above 512; x_n itself uses the exact n. Off by default.
+    """
+    B = x0.shape[0]
+    gen_device = generator.device if generator is not None else x0.device
+    n = torch.randint(1, schedule.num_timesteps + 1, (B,), generator=generator, device=gen_device).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    x_n = schedule.q_sample(x0, n, noise)                     # (B, C, H, W)
+    t = n.float()
+    if bf16_timesteps:
+        t = t.to(torch.bfloat16).float()
+    eps = model(x_n, t, y)
+    return (eps.float() - noise.float()).pow(2).mean()
