@@ -1,0 +1,153 @@
+"""dimscale.data loader on real shards: buckets, exact resume, ranks x workers splits, corrupt shards, pipe: URLs."""
+import json
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import FASHION, fashion_labels, make_photo_tree, require_data, run_make_shards
+from dimscale.config import DataConfig
+from dimscale.data import BucketSchedule, build_loader
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    """400 Fashion-MNIST rows at 32x32, grey PNG, 8 shards of 50."""
+    require_data()
+    out = tmp_path_factory.mktemp("fashion_shards")
+    assert run_make_shards(FASHION, out, "--resolution", 32, "--format", "png", "--limit", 400,
+                           "--shard-size", 50, "--workers", 2) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """~90 photo crops in 9 aspect buckets at 64 px, several small shards per bucket."""
+    src = tmp_path_factory.mktemp("photo_src")
+    make_photo_tree(str(src), n_random=80, seed=1, bad=False)
+    out = tmp_path_factory.mktemp("photo_shards")
+    assert run_make_shards(src, out, "--resolution", 64, "--shard-size", 4, "--workers", 2) == 0
+    return out
+
+
+def test_fashion_batches_downscaled_grey_to_rgb(fashion):
+    cfg = DataConfig(shards=str(fashion), resolution=16, channels=3, num_workers=0, shuffle_buffer=16)
+    batches = take(build_loader(cfg, 8, 0, 1, seed=0), 3)
+    labels = fashion_labels(400)
+    for b in batches:
+        x = b["x"]
+        assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and b["bucket"] == "32x32"
+        assert -1.0 <= x.min() < 0 < x.max() <= 1.0
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grey replicated
+        assert b["y"].tolist() == [int(labels[int(k)]) for k in b["key"]]
+
+
+def test_bucket_sequence_is_shared_by_ranks_and_proportional(photos):
+    cfg = DataConfig(shards=str(photos), resolution=64, num_workers=0)
+    loaders = [build_loader(cfg, 2, r, 2, seed=3) for r in (0, 1)]
+    steps = [take(lo, 12) for lo in loaders]
+    assert [b["bucket"] for b in steps[0]] == [b["bucket"] for b in steps[1]]  # every step, same bucket on all ranks
+    assert set(steps[0][0]["key"]).isdisjoint(steps[1][0]["key"])
+    manifest = loaders[0].manifest
+    counts = {n: e["count"] for n, e in manifest["buckets"].items() if e["count"] >= 4}
+    sched = BucketSchedule(list(counts), list(counts.values()), [2] * len(counts), seed=3)
+    drawn = Counter(sched.bucket(s)[0] for s in range(6000))
+    total = sum(counts.values())
+    for name, c in counts.items():
+        assert abs(drawn[name] / 6000 - c / total) < 0.025, name
+    assert [sched.bucket(s) for s in range(50)] == [BucketSchedule(list(counts), list(counts.values()), [2] * len(counts), 3).bucket(s) for s in range(50)]
+
+
+def test_configured_bucket_table_and_underfilled_buckets(photos, fashion):
+    manifest = json.load(open(photos / "manifest.json"))
+    big = max((n for n in manifest["buckets"] if n != "64x64"), key=lambda n: manifest["buckets"][n]["count"])
+    small = min((n for n, e in manifest["buckets"].items() if e["count"]), key=lambda n: manifest["buckets"][n]["count"])
+    table = {big: {"prob": 3.0, "micro_batch": 4}, "64x64": {"prob": 1.0, "micro_batch": 2},
+             small: {"prob": 1.0, "micro_batch": 999}}
+    cfg = DataConfig(shards=str(photos), resolution=64, num_workers=0, buckets=table)
+    loader = build_loader(cfg, 5, 0, 1, seed=0)
+    assert any(small in line and "under-filled" in line for line in loader.report)
+    batches = take(loader, 40)
+    got = Counter(b["bucket"] for b in batches)
+    assert set(got) == {big, "64x64"} and got[big] > got["64x64"]
+    assert all(b["x"].shape[0] == table[b["bucket"]]["micro_batch"] for b in batches)
+    w, h = (int(v) for v in big.split("x"))
+    assert all(b["x"].shape[2:] == (h, w) for b in batches if b["bucket"] == big)
+    # an empty bucket named in the table is reported; nothing usable is an error, never a hang
+    cfg = DataConfig(shards=str(fashion), resolution=32, num_workers=0,
+                     buckets={"32x32": {"micro_batch": 4}, "36x28": {"prob": 1.0}})
+    assert any("36x28" in line and "empty" in line for line in build_loader(cfg, 4, 0, 1, 0).report)
+    cfg = DataConfig(shards=str(fashion), resolution=32, num_workers=0, buckets={"32x32": {"micro_batch": 300}})
+    with pytest.raises(ValueError, match="no usable bucket"):
+        build_loader(cfg, 4, 0, 2, 0)
+    with pytest.raises(ValueError, match="available"):
+        build_loader(DataConfig(shards=str(fashion), buckets={"9x9": {}}), 4, 0, 1, 0)
+
+
+def test_exact_resume_with_two_workers(photos):
+    cfg = DataConfig(shards=str(photos), resolution=64, num_workers=2, shuffle_buffer=2)
+    full = take(build_loader(cfg, 3, 0, 1, seed=7), 13)
+    first = build_loader(cfg, 3, 0, 1, seed=7)
+    take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able and small
+    assert len(json.dumps(state)) < 4000
+    resumed = build_loader(cfg, 3, 0, 1, seed=7)
+    resumed.load_state_dict(state)
+    rest = take(resumed, 8)
+    assert len({b["bucket"] for b in full}) > 2
+    for a, b in zip(full[5:], rest):
+        assert a["bucket"] == b["bucket"] and a["key"] == b["key"] and torch.equal(a["y"], b["y"])
+        assert torch.equal(a["x"], b["x"])  # decode, resize and flips identical too
+    whole = build_loader(cfg, 3, 0, 1, seed=7)
+    take(whole, 13)
+    assert resumed.counts()["bucket"] == whole.counts()["bucket"] and resumed.counts()["class"] == whole.counts()["class"]
+    other = build_loader(DataConfig(shards=str(photos), resolution=64, num_workers=1), 3, 0, 1, seed=7)
+    with pytest.raises(ValueError, match="data.num_workers"):
+        other.load_state_dict(state)
+
+
+def test_two_ranks_two_workers_one_pass_sees_each_sample_once(fashion):
+    cfg = DataConfig(shards=str(fashion), resolution=32, channels=1, num_workers=2, shuffle_buffer=20)
+    keys = []
+    for rank in (0, 1):
+        loader = build_loader(cfg, 10, rank, 2, seed=11)
+        batches = take(loader, 20 + 4)  # 20 steps = one pass (2 shards x 50 per rank and worker), then resampling
+        keys += [k for b in batches[:20] for k in b["key"]]
+        assert all(len(b["key"]) == 10 for b in batches)  # no rank runs dry after the pass
+        assert loader.counts()["images"] == 240
+    assert len(keys) == 400 and len(set(keys)) == 400  # all 400 samples, none twice
+
+
+def test_truncated_and_garbage_shards_are_skipped(fashion, tmp_path):
+    for f in os.listdir(fashion):
+        shutil.copy(fashion / f, tmp_path / f)
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".tar"))
+    cut = tmp_path / shards[1]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.4) + 100])  # cut inside a member
+    (tmp_path / shards[2]).write_bytes(np.random.default_rng(0).bytes(20000))
+    cfg = DataConfig(shards=str(tmp_path), resolution=32, channels=1, num_workers=0, shuffle_buffer=8)
+    loader = build_loader(cfg, 10, 0, 1, seed=0)
+    batches = take(loader, 45)  # more than one pass over 8 shards
+    assert all(b["x"].shape == (10, 1, 32, 32) for b in batches)
+    skipped = loader.counts()["skipped"]
+    assert skipped["corrupt_shard"] >= 2
+    keys = {int(k) for b in batches for k in b["key"]}
+    assert not keys & set(range(100, 150))  # the garbage shard held samples 100..149
+    assert keys & set(range(50, 60))  # the start of the truncated shard was still used
+
+
+def test_pipe_url_template_matches_local(fashion):
+    local = DataConfig(shards=str(fashion), resolution=32, channels=1, num_workers=0)
+    piped = DataConfig(shards=str(fashion), resolution=32, channels=1, num_workers=0,
+                       shard_url=f"pipe:cat {fashion}/{{shard}}")
+    for a, b in zip(take(build_loader(local, 6, 0, 1, 5), 4), take(build_loader(piped, 6, 0, 1, 5), 4)):
+        assert a["key"] == b["key"] and torch.equal(a["x"], b["x"])
