@@ -6,7 +6,7 @@ import torch
 
 from dimscale.diffusion import Schedule, drop_labels, sample, training_loss
 from dimscale.diffusion.guidance import downsample, ug_tau, upsample
-from dimscale.diffusion.samplers import fast_orders, initial_noise
+from dimscale.diffusion.samplers import _dpmpp_step, fast_orders, initial_noise
 
 S = Schedule()
 
@@ -152,6 +152,22 @@ def test_solvers_converge_and_dpmpp_beats_ddim():
     for sampler in ("dpm++", "ddim"):
         assert err[sampler, 24] < 0.7 * err[sampler, 12] and err[sampler, 48] < 0.7 * err[sampler, 24]
     assert err["dpm++", 48] < 0.03 and err["dpm++", 48] < 0.5 * err["ddim", 48]
+
+
+def test_singlestep_updates_have_their_local_order():
+    """One DPM-Solver++(kS) step on a log-SNR-uniform sub-grid has local error O(h^(k+1)) (3S: r = 1/3, 2/3)."""
+    mu, sd = 0.3, 1.0
+    model = GaussianDenoiser([mu], sd, null_class=1)
+    eps_fn = lambda x, t: model(x, 1000 * t, torch.zeros(len(x), dtype=torch.long))
+    x1 = initial_noise(range(8), (1, 4, 4))
+    for k, min_ratio in ((1, 3.5), (2, 7.0), (3, 14.0)):
+        err = []
+        for h in (0.4, 0.2):
+            ts = S.t_of_lam(torch.linspace(-0.5, -0.5 + h, k + 1, dtype=torch.float64))
+            x_s = exact_flow(x1, mu, sd, t_end=ts[0].item()).float()                    # on the exact trajectory
+            x_t = _dpmpp_step(eps_fn, x_s, ts, S).double()
+            err.append((x_t - exact_flow(x1, mu, sd, t_end=ts[-1].item())).abs().max().item())
+        assert err[0] / err[1] > min_ratio, (k, err)
 
 
 def test_results_invariant_to_batch_size():

@@ -8,6 +8,8 @@ DDIM (η = 0) is the first-order DPM-Solver++ step (DPM-Solver++ paper, §4.1), 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -35,38 +37,35 @@ def fast_orders(steps: int, order: int = 3) -> list[int]:
 
 
 def _dpmpp_step(eps_fn, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """One singlestep DPM-Solver++ step of order k = len(ts) - 1 from s = ts[0] to t = ts[-1]; the model is
-    evaluated at s and at the intermediate times ts[1:-1]. Equations: DPM-Solver++ paper Alg. 1 / (3S), 'dpm_solver'
-    variant; D_j are data predictions x0 = (x - σ ε) / α."""
-    B, k = x.shape[0], len(ts) - 1
-    lam, alpha, sigma = schedule.lam(ts), schedule.alpha(ts), schedule.sigma(ts)   # float64 (k + 1,)
+    """One singlestep DPM-Solver++ step of order k = len(ts) - 1 from s = ts[0] to t = ts[-1], evaluating the model
+    at s and at the intermediate times ts[1:-1] (DPM-Solver++ paper Alg. 1 and its 3S form, 'dpm_solver' variant).
+    D_j = (x_j - σ_j ε̂_j) / α_j are data predictions; h = λ_t - λ_s; r_j = (λ_{s_j} - λ_s) / h."""
+    k = len(ts) - 1
+    lam, alpha, sigma = schedule.lam(ts).tolist(), schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist()
     h = lam[-1] - lam[0]
-    r = (lam[1:-1] - lam[0]) / h                                                   # (k - 1,) r1 (, r2)
+    r = [(l - lam[0]) / h for l in lam[1:-1]]
 
-    def x0_at(x_j, j):
-        t_j = torch.full((B,), float(ts[j]), device=x.device, dtype=x.dtype)
-        return (x_j - float(sigma[j]) * eps_fn(x_j, t_j)) / float(alpha[j])
+    def data_pred(x_j: torch.Tensor, j: int) -> torch.Tensor:
+        t_j = torch.full((x.shape[0],), float(ts[j]), device=x.device, dtype=x.dtype)   # (B,)
+        return (x_j - sigma[j] * eps_fn(x_j, t_j)) / alpha[j]
 
-    def c(v):  # float64 scalar coefficient -> python float
-        return float(v)
-
-    D0 = x0_at(x, 0)
-    phi_1 = torch.expm1(-h)                                                         # e^{-h} - 1 (negative)
-    base = c(sigma[-1] / sigma[0]) * x - c(alpha[-1] * phi_1) * D0                 # first order = DDIM
+    phi_1 = math.expm1(-h)                                                            # e^{-h} - 1 < 0
+    D0 = data_pred(x, 0)
+    x_t = (sigma[-1] / sigma[0]) * x - alpha[-1] * phi_1 * D0                         # first order = DDIM
     if k == 1:
-        return base
+        return x_t
     r1 = r[0]
-    x1 = c(sigma[1] / sigma[0]) * x - c(alpha[1] * torch.expm1(-r1 * h)) * D0
-    D1 = x0_at(x1, 1)
+    x1 = (sigma[1] / sigma[0]) * x - alpha[1] * math.expm1(-r1 * h) * D0
+    D1 = data_pred(x1, 1)
     if k == 2:
-        return base - c(0.5 / r1 * alpha[-1] * phi_1) * (D1 - D0)
+        return x_t - (0.5 / r1) * alpha[-1] * phi_1 * (D1 - D0)
     r2 = r[1]
-    phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1.0
-    x2 = (c(sigma[2] / sigma[0]) * x - c(alpha[2] * torch.expm1(-r2 * h)) * D0
-          + c(r2 / r1 * alpha[2] * phi_22) * (D1 - D0))
-    D2 = x0_at(x2, 2)
+    phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1.0
+    x2 = ((sigma[2] / sigma[0]) * x - alpha[2] * math.expm1(-r2 * h) * D0
+          + (r2 / r1) * alpha[2] * phi_22 * (D1 - D0))
+    D2 = data_pred(x2, 2)
     phi_2 = phi_1 / h + 1.0
-    return base + c(alpha[-1] * phi_2 / r2) * (D2 - D0)
+    return x_t + (1.0 / r2) * alpha[-1] * phi_2 * (D2 - D0)
 
 
 def dpm_solver_pp(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, order: int = 3,
@@ -119,8 +118,8 @@ def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++",
         raise TypeError("the denoiser needs a `null_class` attribute (the CFG null label, = num_classes for DiM)")
     schedule = schedule or Schedule()
     if device is None:
-        params = getattr(model, "parameters", None)
-        device = next(params()).device if params is not None else torch.device("cpu")
+        param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+        device = param.device if param is not None else torch.device("cpu")
     C, H, W = shape
     m = int(upsample_factor)
     x = initial_noise(seeds, (C, m * H, m * W)).to(device)
