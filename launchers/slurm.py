@@ -256,6 +256,9 @@ def parse_args(argv):
     args.tasks_per_node = args.gpus_per_node or args.tasks_per_node or 1
     if args.local and args.nodes != 1:
         p.error("--local runs on this machine only: use --nodes 1")
+    if not args.local and args.signal_delay_s >= args.time * 60:
+        p.error(f"--signal-delay-s {args.signal_delay_s} is not below the time limit (--time {args.time} min): "
+                f"the job would be signalled at start; lower it or raise --time")
     for kv in args.sbatch:
         if "=" not in kv and not re.fullmatch(r"[\w-]+", kv):
             p.error(f"--sbatch '{kv}' is not KEY=VALUE or a flag name (e.g. --sbatch exclusive)")
@@ -373,11 +376,17 @@ def submit(args) -> int:
         jobs.append(job)
         print(f"[{stage.name}] submitted job {job.job_id}" + (f" ({dependency})" if dependency else ""))
         print(f"    log:    {job.paths.stdout}")
-        print(f"    follow: tail -F {shlex.quote(str(job.paths.stdout))}  |  squeue -j {job.job_id}")
+        follow = f"tail -F {shlex.quote(str(job.paths.stdout))}"
+        print(f"    follow: {follow}" + ("" if args.local else f"  |  squeue -j {job.job_id}"))
         prev_job = job.job_id
         if args.local:  # the local executor has no dependencies: run the chain in order
-            results = job.results()
-            print(f"[{stage.name}] finished: {results[0]}")
+            while not job.done():
+                time.sleep(1)
+            try:
+                print(f"[{stage.name}] finished: {job.results()[0]}")
+            except submitit.core.utils.UncompletedJobError as e:  # FailedJobError is a subclass
+                print(f"[{stage.name}] failed, later stages not run: {e}\n    log: {job.paths.stdout}", file=sys.stderr)
+                return 1
     if not jobs and not args.dry_run:
         print("nothing to submit: every stage has finished")
     return 0

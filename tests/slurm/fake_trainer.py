@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dimscale.config import load_config
+from dimscale.config import load_config, save_config
 from dimscale.snapshot import save_snapshot
 
 
@@ -35,6 +35,8 @@ def main(argv=None, on_preempt=None) -> int:
     dist.init_process_group("gloo", rank=rank, world_size=world)  # env:// from the launcher
     t, run = cfg.train, cfg.run_dir
     os.makedirs(run, exist_ok=True)
+    if rank == 0:
+        save_config(cfg, os.path.join(run, "config.json"))
     ckpt = os.path.join(run, "checkpoints", "latest", "state.json")
     state = {"images_seen": 0, "init_images": 0}
     if os.path.isfile(ckpt):

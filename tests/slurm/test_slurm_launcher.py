@@ -192,11 +192,14 @@ def time_limit_run(trainer):
     return {"job": job, "run_dir": str(out_dir / "timelimit"), "total": total}
 
 
-def test_config_error_fails_at_submission(trainer):
+def test_bad_requests_fail_at_submission(trainer):
     out = launch(trainer, FT, "--nodes", "2", "--set", "train.global_batch=33", check=False)
     assert out.returncode == 2
     assert "config error" in out.stderr and "global_batch" in out.stderr
     assert "submitted job" not in out.stdout
+    out = launch(trainer, PRE, "--nodes", "3", "--set", "train.global_batch=48", "--set",
+                 f"out_dir={trainer['root'] / 'refused'}", check=False)  # the cluster has 2 nodes
+    assert out.returncode == 2 and "sbatch refused" in out.stderr and "submitted job" not in out.stdout, out
 
 
 def test_chain_dry_run_matches_then_completes_from_snapshot(trainer, time_limit_run):
@@ -234,6 +237,8 @@ def test_chain_dry_run_matches_then_completes_from_snapshot(trainer, time_limit_
 
     status = launch(trainer, "status", FT, "--set", f"out_dir={out_dir}").stdout
     assert re.search(r"slurm_pre\s+finished", status) and re.search(r"slurm_ft\s+finished", status), status
+    status = launch(trainer, "status", str(out_dir / "slurm_ft")).stdout
+    assert re.search(r"slurm_ft\s+finished\s+images 256/256", status), status
 
     again = launch(trainer, *args).stdout  # resubmitting a finished chain runs nothing
     assert "submitted job" not in again and "nothing to submit" in again, again
