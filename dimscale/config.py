@@ -87,6 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     snapshot_every_images: int = 100_000
     sample_every_images: int = 100_000
+    sample_count: int = 16           # grid of fixed seeds 0..n-1 and classes i % num_classes, comparable over the run
     log_every_steps: int = 10
     max_nonfinite_in_a_row: int = 10
     wandb: str = "off"               # 'online' | 'offline' | 'off'

@@ -1,0 +1,174 @@
+"""dimscale/train.py in one process (bad configs, finetune from a snapshot, non-finite losses) and the ZeRO-3 EMA."""
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_dist import CONFIG, REPO, clean_env, fmnist_shards, free_port, losses, overrides
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A world of one for in-process main(): fresh port, env restored afterwards."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(key, value)
+
+    def run(argv):
+        from dimscale import train
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        return train.main(argv)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad configs: one clear line, exit code 2, before any process group starts
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sets, world, message", [
+    (["train.lrr=1"], 1, "unknown config key 'train.lrr'"),
+    (["train.micro_batch=four"], 1, "train.micro_batch: expected an integer"),
+    (["train.global_batch=16", "train.micro_batch=3"], 2, "not divisible by train.micro_batch x world size = 3 x 2"),
+    (["data.shards=/nonexistent/shards"], 1, "no shards found"),
+    (["model.name=DiM-Z/9"], 1, "model.name 'DiM-Z/9' is not in the zoo"),
+])
+def test_bad_config_is_rejected_with_a_clear_line(one_process, monkeypatch, capsys, sets, world, message):
+    import torch.distributed as dist
+    group_before = dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = ["--config", str(CONFIG), "--set", f"data.shards={fmnist_shards()}"]
+    for s in sets:
+        argv += ["--set", s]
+    assert one_process(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+    assert dist.is_initialized() == group_before  # failed before starting a process group
+
+
+def test_bad_config_on_the_command_line():
+    proc = subprocess.run([sys.executable, "dimscale/train.py", "--config", str(CONFIG), "--set", "train.zero_stage=5"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "config error: train.zero_stage = 5; DeepSpeed ZeRO stages are 0, 1, 2 or 3"
+
+
+# ------------------------------------------------------------------------------------------------
+# Finetune from a snapshot made at another resolution (weak-to-strong, dim-reference.md §3.4)
+# ------------------------------------------------------------------------------------------------
+
+def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process, tmp_path):
+    from dimscale.config import ModelConfig
+    from dimscale.models import adapt_state_dict, build_model
+    shards = fmnist_shards()
+    pre = overrides(shards, tmp_path, "pre", total_images=64, ema_decay=0.5, snapshot_every_images=64)
+    assert one_process(["--config", str(CONFIG), *pre, "--set", "data.resolution=8", "--set", "model.input_size=8"]) == 0
+    snap = tmp_path / "pre" / "snapshots" / "latest"
+    meta = json.loads((snap / "snapshot.json").read_text())
+    assert meta["data"]["resolution"] == 8 and meta["images_seen"] == 64
+
+    # lr = 0 keeps the online weights where the snapshot put them; bf16 autocast must not round them either
+    ft = overrides(shards, tmp_path, "ft", total_images=32, lr=0.0, warmup_images=0, precision="bf16", zero_stage=1)
+    assert one_process(["--config", str(CONFIG), *ft, "--set", f"init.snapshot={snap}"]) == 0
+    expected = adapt_state_dict(load_file(snap / "ema.safetensors"),
+                                build_model(ModelConfig(**{**meta["model"], "input_size": 16})))
+    got = load_file(tmp_path / "ft" / "snapshots" / "latest" / "ema.safetensors")
+    assert got.keys() == expected.keys()
+    resized = [k for k in got if got[k].shape != load_file(snap / "ema.safetensors")[k].shape]
+    assert resized, "no tensor changed shape between 8x8 and 16x16: the test does not exercise pos-emb resizing"
+    for k in got:
+        assert torch.equal(got[k], expected[k].float()), k
+    assert all(loss == loss for _, loss in losses(tmp_path / "ft"))  # bf16 run trains with finite losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite losses: skipped and counted; N in a row stops the run, the last good checkpoint stays
+# ------------------------------------------------------------------------------------------------
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch, tmp_path, capsys):
+    from dimscale import train
+    shards = fmnist_shards()
+    monkeypatch.setitem(train._injected, "count", 0)
+    monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:2")  # two bad micro-batches at step 2, then fine
+    args = overrides(shards, tmp_path, "skip", total_images=64, max_nonfinite_in_a_row=3)
+    assert one_process(["--config", str(CONFIG), *args]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["nonfinite_skipped"] == 2
+    assert all(r["loss"] == r["loss"] for r in rows)
+
+    monkeypatch.setitem(train._injected, "count", 0)
+    monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:100")  # never recovers
+    args = overrides(shards, tmp_path, "stop", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=16)
+    assert one_process(["--config", str(CONFIG), *args]) == 1
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    latest = tmp_path / "stop" / "checkpoints" / "latest"
+    assert json.loads((latest / "trainer.json").read_text())["images_seen"] == 32  # steps 1-2 were good
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA under ZeRO-3 (2 real ranks) = EMA of the gathered full parameters = EMA under ZeRO-0
+# ------------------------------------------------------------------------------------------------
+
+def _ema_worker(rank, port, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import deepspeed
+    from dimscale import train
+    from dimscale.config import load_config
+    from dimscale.diffusion import Schedule, training_loss
+    from dimscale.ema import EMA
+    train.init_distributed(0)
+    out = {}
+    for stage in (3, 0):
+        cfg = load_config(str(CONFIG), [f"train.zero_stage={stage}", "train.precision=fp32", "train.global_batch=8",
+                                        "train.micro_batch=4", "train.lr=1e-2", "train.warmup_images=0"], world_size=2)
+        engine = train.build_engine(cfg, train.build_model(cfg), world_size=2)
+        named = list(engine.module.named_parameters())
+        ema = EMA(engine.module, decay=0.5)
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            reference = {n: p.detach().clone().double() for n, p in named}
+        initial = {n: t.float() for n, t in reference.items()}
+        gen = torch.Generator().manual_seed(1234 + rank)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+            engine.backward(training_loss(engine, x, y, Schedule(), generator=gen))
+            engine.step()
+            ema.update(engine.module)
+            with deepspeed.zero.GatheredParameters([p for _, p in named]):
+                for n, p in named:
+                    reference[n] = 0.5 * reference[n] + 0.5 * p.detach().double()
+        # numpy: plain pickles (torch tensors would travel as shared memory the exiting worker takes with it)
+        out[stage] = {"sharded": sum(p.numel() for _, p in named) == 0,
+                      "ema": {n: t.numpy() for n, t in ema.shadow.items()},
+                      "initial": {n: t.numpy() for n, t in initial.items()},
+                      "reference": {n: t.float().numpy() for n, t in reference.items()}}
+    results.put((rank, out))
+
+
+def test_ema_under_zero3_equals_the_ema_of_gathered_parameters():
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_ema_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        outs = dict(results.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            p.kill()
+    outs = {r: {s: {k: {n: torch.from_numpy(a) for n, a in v.items()} if isinstance(v, dict) else v
+                    for k, v in d.items()} for s, d in o.items()} for r, o in outs.items()}
+    z3, z0 = outs[0][3], outs[0][0]
+    assert z3["sharded"] and not z0["sharded"]  # ZeRO-3 really partitioned the weights
+    for name, ema in z3["ema"].items():
+        assert ema.numel() > 0 and ema.dtype == torch.float32
+        torch.testing.assert_close(ema, z3["reference"][name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ema, z0["ema"][name], rtol=1e-4, atol=1e-6)  # same run under ZeRO-0
+        torch.testing.assert_close(ema, outs[1][3]["ema"][name], rtol=0, atol=0)  # both ranks hold the same EMA
+    assert any(not torch.allclose(z3["ema"][n], z3["initial"][n]) for n in z3["ema"]), "the EMA never moved"

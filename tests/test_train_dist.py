@@ -1,0 +1,237 @@
+"""Real 2-rank CPU runs of dimscale/train.py (gloo): ZeRO stages, kill -9 + resume, kills mid-checkpoint, signals.
+
+Ranks are real processes: torchrun subprocesses (killed with SIGKILL as a scheduler would) or spawned workers
+that call train.main() in-process (as the SLURM launcher does). Tiny DiM-T/2 on 16x16 Fashion-MNIST shards.
+"""
+import json
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "dim_t_cpu.json"
+FMNIST = "/usr/share/datasets/fashion-mnist"
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers shared with tests/test_train.py
+# ------------------------------------------------------------------------------------------------
+
+def fmnist_shards() -> str:
+    """16x16 Fashion-MNIST shards (1024 images), built once per machine with tools/make_shards.py."""
+    if not os.path.isdir(FMNIST):
+        pytest.skip("dataset-fashion-mnist is not installed (make apt)")
+    out = os.path.join(tempfile.gettempdir(), "dimscale-test-fmnist16-v1")
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        subprocess.run([sys.executable, "tools/make_shards.py", FMNIST, out, "--resolution", "16", "--format", "png",
+                        "--limit", "1024", "--shard-size", "256", "--workers", "1", "--no-progress"],
+                       cwd=REPO, check=True, timeout=300, capture_output=True)
+    return out
+
+
+def overrides(shards, out_dir, name, **train) -> list:
+    """--set arguments for a tiny fp32 run logging every step (16 images per step, 2 micro-batches per rank)."""
+    sets = {"data.shards": shards, "out_dir": str(out_dir), "name": name, "train.total_images": 256,
+            "train.global_batch": 16, "train.micro_batch": 4, "train.log_every_steps": 1,
+            "train.precision": "fp32", "train.ckpt_every_images": 64, "train.snapshot_every_images": 0,
+            "data.num_workers": 0, **{f"train.{k}": v for k, v in train.items()}}
+    args = []
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def losses(run_dir) -> list:
+    """[(step, loss)] from metrics.jsonl, in file order (a resumed run repeats the steps after its checkpoint)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def torchrun(args, log_path, **env) -> subprocess.Popen:
+    """Start `torchrun --nproc_per_node 2 dimscale/train.py ...` in its own process group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "dimscale/train.py",
+           "--config", str(CONFIG), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=open(log_path, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc, log_path, timeout=300) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"run timed out; log:\n{Path(log_path).read_text()[-3000:]}")
+    assert rc == 0, f"exit {rc}; log:\n{Path(log_path).read_text()[-3000:]}"
+
+
+def wait_until(predicate, proc, log_path, timeout=300) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before the awaited event; log:\n"
+                                 f"{Path(log_path).read_text()[-3000:]}")
+        if time.time() > end:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def _worker(rank, port, argvs, results, preempt_file):
+    """One spawned rank: joins a world of 2 and calls train.main(argv) for each argv (the launcher's in-process use)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from dimscale import train
+    train.init_distributed(0)
+
+    def on_preempt(info):
+        Path(preempt_file).write_text(json.dumps(info))
+
+    results.put((rank, [train.main(argv, on_preempt=on_preempt) for argv in argvs]))
+
+
+def spawn_two(argvs, preempt_file="", timeout=400, while_running=None):
+    """Run the argv list on 2 spawned ranks; returns {rank: [exit codes]}. while_running(procs) runs alongside."""
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, argvs, results, preempt_file)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        if while_running is not None:
+            while_running(procs)
+        out = {}
+        for _ in procs:
+            rank, rcs = results.get(timeout=timeout)
+            out[rank] = rcs
+        return out
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# ZeRO stages
+# ------------------------------------------------------------------------------------------------
+
+def test_each_zero_stage_trains_and_fp32_stages_agree(tmp_path):
+    shards = fmnist_shards()
+    argvs = [["--config", str(CONFIG), *overrides(shards, tmp_path, f"zero{s}", zero_stage=s, lr=2e-3,
+                                                 warmup_images=32, ckpt_every_images=0, total_images=320)]
+             for s in range(4)]
+    rcs = spawn_two(argvs)
+    assert rcs == {0: [0] * 4, 1: [0] * 4}
+    curves = [[loss for _, loss in losses(tmp_path / f"zero{s}")] for s in range(4)]
+    for s, curve in enumerate(curves):
+        assert len(curve) == 20
+        first, last = sum(curve[:4]) / 4, sum(curve[-4:]) / 4
+        assert last < 0.75 * first, f"ZeRO-{s} did not learn: {curve}"
+        # same seed, same data: fp32 stages 0-2 reduce identically, stage 3 within float rounding
+        for i in range(3):
+            assert curve[i] == pytest.approx(curves[0][i], rel=1e-5, abs=1e-6), f"ZeRO-{s} step {i}: {curve[:3]}"
+    for s in range(4):
+        snap = tmp_path / f"zero{s}" / "snapshots" / "latest" / "snapshot.json"
+        assert json.loads(snap.read_text())["images_seen"] == 320
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 and resume: bitwise equal losses
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run: {step: loss}."""
+    out = tmp_path_factory.mktemp("ref")
+    log = out / "log.txt"
+    finish(torchrun(overrides(fmnist_shards(), out, "ref"), log), log)
+    curve = losses(out / "ref")
+    assert [s for s, _ in curve] == list(range(1, 17))
+    return dict(curve)
+
+
+def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path, reference):
+    shards, log = fmnist_shards(), tmp_path / "log.txt"
+    args = overrides(shards, tmp_path, "run")
+    kill_at = random.Random(os.getpid()).randint(5, 14)  # after the first checkpoint (step 4), before the end
+    proc = torchrun(args, log)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at, proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finish(torchrun(args, log), log)
+    curve = losses(tmp_path / "run")
+    assert "resumed from" in log.read_text()
+    assert len(curve) >= 16  # steps between the checkpoint and the kill appear twice
+    assert {s for s, _ in curve} == set(range(1, 17))
+    for step, loss in curve:
+        assert loss == reference[step], f"step {step}: {loss!r} != uninterrupted {reference[step]!r} (killed at {kill_at})"
+
+
+def test_kill_during_checkpoint_write_keeps_a_loadable_latest(tmp_path, reference):
+    shards, log = fmnist_shards(), tmp_path / "log.txt"
+    args = overrides(shards, tmp_path, "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    writing = ckpts / "tmp-img000000000128"
+    # both ranks have written their share of the 2nd checkpoint and sleep before it is published
+    proc = torchrun(args, log, DIMSCALE_TEST_PAUSE_IN_CKPT_WRITE="128:120")
+    wait_until(lambda: (writing / "rank00000.pt").exists() and (writing / "rank00001.pt").exists(), proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.readlink(ckpts / "latest") == "img000000000064"
+    assert json.loads((ckpts / "latest" / "trainer.json").read_text())["images_seen"] == 64
+    finish(torchrun(args, log), log)  # resumes from the 64-image checkpoint and finishes
+    assert not writing.exists()
+    for step, loss in losses(tmp_path / "run"):
+        assert loss == reference[step], f"step {step} after the interrupted checkpoint differs"
+    assert sorted(p.name for p in ckpts.glob("img*")) == ["img000000000192", "img000000000256"]  # keep last 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption signals: one rank signalled, all ranks save at the same step boundary, exit 3
+# ------------------------------------------------------------------------------------------------
+
+def test_sigusr1_on_one_rank_saves_everywhere_and_exits_3(tmp_path):
+    shards = fmnist_shards()
+    argv = ["--config", str(CONFIG), *overrides(shards, tmp_path, "pre", total_images=100_000, ckpt_every_images=0)]
+    metrics, preempt_file = tmp_path / "pre" / "metrics.jsonl", tmp_path / "preempted.json"
+
+    def signal_rank1(procs):
+        end = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < end and all(p.is_alive() for p in procs)
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1: rank 0 learns of it through the all-reduce
+
+    assert spawn_two([argv], str(preempt_file), while_running=signal_rank1) == {0: [3], 1: [3]}
+    info = json.loads(preempt_file.read_text())
+    seen = json.loads((tmp_path / "pre" / "checkpoints" / "latest" / "trainer.json").read_text())["images_seen"]
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["images_seen"]
+    assert info["images_seen"] == seen == last_logged > 0
+    assert os.path.realpath(info["checkpoint"]) == os.path.realpath(tmp_path / "pre" / "checkpoints" / "latest")
