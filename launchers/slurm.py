@@ -112,18 +112,15 @@ def snapshot_dir(run_dir: str) -> str:
 
 
 def stage_progress(stage: Stage) -> dict:
-    """What the run folder says: done?, images seen by the newest snapshot, whether a checkpoint exists."""
-    done_path = os.path.join(stage.run_dir, DONE_FILE)
-    meta_path = os.path.join(snapshot_dir(stage.run_dir), "snapshot.json")
+    """What the run folder says: images seen (trainer's done.json, else the newest EMA snapshot), whether that
+    reaches the stage's total_images (so raising the budget reruns it), whether a checkpoint exists."""
     seen = None
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            seen = json.load(f).get("images_seen")
-    done = os.path.isfile(done_path) or (seen is not None and seen >= stage.total_images)
-    if os.path.isfile(done_path):
-        with open(done_path) as f:
-            seen = json.load(f).get("images_seen", seen)
-    return {"done": done, "images_seen": seen, "total_images": stage.total_images,
+    for path in (os.path.join(stage.run_dir, DONE_FILE), os.path.join(snapshot_dir(stage.run_dir), "snapshot.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                seen = max(seen or 0, int(json.load(f).get("images_seen", 0)))
+    return {"done": seen is not None and seen >= stage.total_images, "images_seen": seen,
+            "total_images": stage.total_images,
             "checkpoint": os.path.exists(os.path.join(stage.run_dir, "checkpoints", "latest"))}
 
 
@@ -185,33 +182,36 @@ class StageTask:
                 f"world {env.num_tasks}: {progress}")
         if progress["done"]:  # a requeue that lands after the end, or a rerun of a finished chain
             return {"rank": rank, "rc": 0, "skipped": True, **progress}
-        preempt_calls = []
-        rc = load_trainer(self.trainer)(list(self.stage.argv), on_preempt=lambda *a, **k: preempt_calls.append(1))
+        saved = {}  # rank 0: the trainer's on_preempt info, once every rank's checkpoint files are written
+        rc = load_trainer(self.trainer)(list(self.stage.argv), on_preempt=lambda info=None: saved.update(info or {}))
         if rc == 0:
             return {"rank": rank, "rc": 0, "skipped": False, **stage_progress(self.stage)}
         if rc == EXIT_PREEMPTED:
-            self._requeue_or_exit(env, rank, restart, bool(preempt_calls))
+            self._requeue_or_exit(env, rank, restart, saved)
         raise RuntimeError(f"stage {self.stage.name}: trainer exited with code {rc} on rank {rank}; "
                            f"see this job's log")
 
-    def _requeue_or_exit(self, env, rank: int, restart: int, preempt_called: bool) -> None:
+    def _requeue_or_exit(self, env, rank: int, restart: int, saved: dict) -> None:
         """The trainer saved on every rank and returned 3; rank 0 now requeues (once) and every task leaves
         without a result file, so submitit keeps waiting for the rerun."""
         if rank != 0:
             raise SystemExit(0)  # exit 0: a non-zero exit could make srun (KillOnBadExit) kill rank 0 mid-requeue
+        what = f"checkpoint {saved.get('checkpoint', '?')} at {saved.get('images_seen', '?')} images saved"
         if env.cluster != "slurm":
-            log("preempted: checkpoint saved; the local executor restarts the task")
+            log(f"{what}; the local executor restarts the task")
             env._requeue(self.max_requeues - restart)  # local executor: exits with its requeue code
         state = slurm_job_state(env.job_id)
         if state not in REQUEUE_STATES:
             # scontrol requeue / preemption kill / scancel: SLURM already decided what happens next
-            log(f"checkpoint saved (on_preempt called: {preempt_called}); job state {state}: not requeuing")
+            log(f"{what}; job state {state}: not requeuing")
             raise SystemExit(0)
         if restart >= self.max_requeues:
             raise RuntimeError(f"stage {self.stage.name} was requeued {restart} times (--max-requeues); "
                                f"resubmit the same command to continue from checkpoints/latest")
-        subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
-        log(f"checkpoint saved; requeued job {env.job_id} (state was {state}, restart {restart})")
+        out = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60)
+        # a failure here means SLURM is already ending the job (it turned COMPLETING meanwhile): nothing to add
+        log(f"{what}; requeued job {env.job_id} (state was {state}, restart {restart})" if out.returncode == 0
+            else f"{what}; scontrol requeue failed ({out.stderr.strip()}): SLURM is ending the job")
         raise SystemExit(0)
 
     def checkpoint(self, *args, **kwargs):

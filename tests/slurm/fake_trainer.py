@@ -76,7 +76,7 @@ def main(argv=None, on_preempt=None) -> int:
             if flag[0].item() > 0:
                 save()
                 if rank == 0 and on_preempt is not None:
-                    on_preempt({"run_dir": run, "images_seen": state["images_seen"]})
+                    on_preempt({"run_dir": run, "checkpoint": os.path.dirname(ckpt), "images_seen": state["images_seen"]})
                 return 3
             if state["images_seen"] // t.ckpt_every_images > before // t.ckpt_every_images:
                 save()
