@@ -192,3 +192,15 @@ def test_labels_file_and_nothing_usable(tmp_path):
     (junk / "x.jpg").write_bytes(b"")
     (junk / "y.png").write_text("nope")
     assert run_make_shards(junk.parent, tmp_path / "junk_out", "--resolution", 32, "--workers", 1) == 1
+
+
+def test_resize_center_crop_any_size_to_any_bucket():
+    from dimscale.data.images import crop_box, resize_center_crop
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # float rounding once put the box at -1e-14 and Pillow refused it
+        w, h, tw, th = (int(v) for v in rng.integers(8, 2000, 4))
+        left, top, right, bottom = crop_box(w, h, tw, th)
+        assert 0 <= left <= right <= w and 0 <= top <= bottom <= h
+        assert abs((right - left) / (bottom - top) - tw / th) < 1e-6 * tw / th + 1e-9
+    im = Image.new("RGB", (301, 173), (10, 200, 30))
+    assert resize_center_crop(im, 44, 92, 3).size == (44, 92)

@@ -217,11 +217,12 @@ def plan_shards(ok: list, table: list, shard_size: int) -> list:
     return shards
 
 
-def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add one member with fixed metadata, so a shard's bytes depend only on its inputs."""
+def tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member with fixed metadata (mtime 0, root-less), so a shard's bytes depend only on its inputs."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
-    tar.addfile(info, io.BytesIO(data))
+    pad = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * pad
 
 
 def process_shard(spec: ShardSpec, opts: dict, keep_pixels: bool = False) -> tuple:
@@ -259,11 +260,14 @@ def write_json_atomic(path: str, obj) -> None:
 def write_shard(out_dir: str, spec: ShardSpec, samples: list, skipped: Counter) -> dict:
     """tar -> .tmp, sidecar json, then rename: the tar appears only when complete."""
     path = os.path.join(out_dir, spec.name + ".tar")
-    with open(path + ".tmp", "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with open(path + ".tmp", "wb") as f:
+        size = 0
         for s in samples:
             for ext, data in s.items():
                 if ext != "__key__":
-                    tar_add(tar, f"{s['__key__']}.{ext}", data)
+                    size += f.write(tar_member(f"{s['__key__']}.{ext}", data))
+        # end of archive: two zero blocks, padded to a whole 10 kB record as tarfile does
+        f.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-(size + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)))
     side = {"shard": spec.name + ".tar", "bucket": bucket_name(*spec.bucket), "count": len(samples),
             "inputs": len(spec.records), "input_hash": spec.input_hash(), "skipped": dict(skipped),
             "classes": dict(Counter(int(s["cls"]) for s in samples))}

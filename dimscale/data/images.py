@@ -34,8 +34,8 @@ def crop_box(w: int, h: int, tw: int, th: int) -> tuple:
     """Largest centered box of aspect tw:th inside a w x h image (left, top, right, bottom) in float pixels."""
     scale = max(tw / w, th / h)
     cw, ch = tw / scale, th / scale
-    left, top = (w - cw) / 2, (h - ch) / 2
-    return (left, top, left + cw, top + ch)
+    left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)  # float rounding must not step outside
+    return (left, top, min(float(w), left + cw), min(float(h), top + ch))
 
 
 def resize_center_crop(im: Image.Image, tw: int, th: int, channels: int) -> Image.Image:

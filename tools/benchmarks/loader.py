@@ -1,0 +1,100 @@
+"""Loader images/s (read shards, decode, resize, flip, collate) vs a plain decode + resize loop over the same JPEGs.
+
+    python tools/bench.py loader [--images 512] [--reps 3]
+
+Data: photo crops sharded at 256 px (JPEG q90, one 256x256 bucket), read at 192 px so every image is decoded
+and resized. The floor decodes the same JPEG bytes from memory with the same helper in one plain loop (no tar,
+no batching). Repetitions alternate floor / 1 worker / 2 workers so CPU contention hits all alike; medians.
+Targets: 1 worker >= 0.9 x floor; 2 workers >= 1.7 x 1 worker (needs two otherwise idle cores).
+"""
+import argparse
+import contextlib
+import io
+import os
+import resource
+import shutil
+import statistics
+import tarfile
+import tempfile
+import time
+
+import torch
+
+from tools.benchmarks.shards import make_photo_files
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (DataLoader workers, once joined)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def floor_loop(jpegs: list, side: int) -> tuple:
+    """(img/s, img per CPU-second) of decode + resize + asarray, one image after another."""
+    from dimscale.data.images import decode
+    t, c = time.perf_counter(), cpu_seconds()
+    for data in jpegs:
+        decode(data, side, side, 3)
+    return len(jpegs) / (time.perf_counter() - t), len(jpegs) / (cpu_seconds() - c)
+
+
+def loader_rate(shards: str, side: int, workers: int, batches: int, micro_batch: int) -> tuple:
+    """(img/s after the first 2 batches, img per CPU-second of the whole run incl. worker start-up)."""
+    from dimscale.config import DataConfig
+    from dimscale.data import build_loader
+    cfg = DataConfig(shards=shards, resolution=side, num_workers=workers, shuffle_buffer=64)
+    c = cpu_seconds()
+    it = iter(build_loader(cfg, micro_batch, rank=0, world_size=1, seed=0))
+    for _ in range(2):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * micro_batch / (time.perf_counter() - t)
+    del it  # joins the workers, so their CPU time is counted
+    return rate, (batches + 2) * micro_batch / (cpu_seconds() - c)
+
+
+def main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="bench.py loader")
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--side", type=int, default=192)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from tools.make_shards import main as make_shards
+    tmp = tempfile.mkdtemp(prefix="bench_loader_")
+    try:
+        make_photo_files(os.path.join(tmp, "src"), a.images, min_side=256, max_side=700)
+        shards = os.path.join(tmp, "shards")
+        with contextlib.redirect_stdout(io.StringIO()):
+            make_shards([os.path.join(tmp, "src"), shards, "--resolution", "256", "--buckets", "256x256",
+                         "--shard-size", "64", "--workers", "2", "--no-progress"])
+        jpegs = []
+        for f in sorted(os.listdir(shards)):
+            if f.endswith(".tar"):
+                with tarfile.open(os.path.join(shards, f)) as tar:
+                    jpegs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+        batches = len(jpegs) // a.micro_batch
+        runs = {"floor": [], "one": [], "two": []}
+        for _ in range(a.reps):
+            runs["floor"].append(floor_loop(jpegs, a.side))
+            runs["one"].append(loader_rate(shards, a.side, 1, batches, a.micro_batch))
+            runs["two"].append(loader_rate(shards, a.side, 2, batches, a.micro_batch))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+    ratio, scaling = wall["one"] / wall["floor"], wall["two"] / wall["one"]
+    return {"bench": "loader", "metric": "loader img/s with 1 worker / plain decode+resize loop img/s",
+            "ratio": round(ratio, 3), "target": 0.9, "ok": ratio >= 0.9 and scaling >= 1.7,
+            "scaling_2_workers": round(scaling, 3), "scaling_target": 1.7,
+            "floor_img_s": round(wall["floor"], 1), "loader_1_worker_img_s": round(wall["one"], 1),
+            "loader_2_workers_img_s": round(wall["two"], 1),
+            # images per CPU-second: what the pipeline costs, independent of how busy the machine is
+            "cpu_ratio_1_worker": round(cpu["one"] / cpu["floor"], 3),
+            "floor_img_per_cpu_s": round(cpu["floor"], 1), "loader_img_per_cpu_s": round(cpu["one"], 1),
+            "images": len(jpegs), "micro_batch": a.micro_batch, "side": a.side, "reps": a.reps,
+            "cpus": os.cpu_count(), "loadavg": round(os.getloadavg()[0], 2),
+            "runs_img_s": {k: [round(r[0], 1) for r in v] for k, v in runs.items()}}
