@@ -1,12 +1,15 @@
 """dimscale.data loader on real shards: buckets, exact resume, ranks x workers splits, corrupt shards, pipe: URLs."""
+import io
 import json
 import os
 import shutil
+import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_fixtures import FASHION, fashion_labels, make_photo_tree, require_data, run_make_shards
 from dimscale.config import DataConfig
@@ -151,3 +154,38 @@ def test_pipe_url_template_matches_local(fashion):
                        shard_url=f"pipe:cat {fashion}/{{shard}}")
     for a, b in zip(take(build_loader(local, 6, 0, 1, 5), 4), take(build_loader(piped, 6, 0, 1, 5), 4)):
         assert a["key"] == b["key"] and torch.equal(a["x"], b["x"])
+
+
+def test_vae_moments_written_and_loaded(tmp_path, fashion):
+    """--vae stores posterior moments next to each image; latent='moments' batches them per bucket, unflipped."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from dimscale.diffusion.vae import encode_moments, load_vae
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1).save_pretrained(tmp_path / "vae")  # random weights, /8 like the SD VAE
+    make_photo_tree(str(tmp_path / "src"), n_random=14, seed=2, bad=False)
+    assert run_make_shards(tmp_path / "src", tmp_path / "shards", "--resolution", 64, "--format", "png",
+                           "--buckets", "64x64,96x48", "--vae", tmp_path / "vae", "--vae-batch", 4,
+                           "--workers", 2) == 0
+    manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
+    assert manifest["latent"]["key"] == "moments.npy"
+    cfg = DataConfig(shards=str(tmp_path / "shards"), resolution=64, latent="moments", num_workers=0)
+    batch = take(build_loader(cfg, 2, 0, 1, seed=0), 6)
+    vae = load_vae(str(tmp_path / "vae"))
+    pngs = {}
+    for f in os.listdir(tmp_path / "shards"):
+        if f.endswith(".tar"):
+            with tarfile.open(tmp_path / "shards" / f) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".png"):
+                        pngs[m.name.split(".")[0]] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())))
+    for b in batch:
+        w, h = (int(v) for v in b["bucket"].split("x"))
+        assert b["x"].shape == (2, 8, h // 8, w // 8) and b["x"].dtype == torch.float32
+        pixels = torch.from_numpy(np.stack([pngs[k] for k in b["key"]])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        torch.testing.assert_close(b["x"], encode_moments(vae, pixels).float(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="moments need equal sizes"):
+        build_loader(DataConfig(shards=str(tmp_path / "shards"), resolution=32, latent="moments"), 2, 0, 1, 0)
+    with pytest.raises(ValueError, match="--vae"):
+        build_loader(DataConfig(shards=str(fashion), resolution=32, latent="moments"), 2, 0, 1, 0)
