@@ -45,6 +45,8 @@ def main(argv=None, on_preempt=None) -> int:
             print(f"[{cfg.name}] resumed from {os.path.dirname(ckpt)} at {state['images_seen']} images", flush=True)
     elif cfg.init.snapshot:
         state["init_images"] = json.load(open(os.path.join(cfg.init.snapshot, "snapshot.json")))["images_seen"]
+        if rank == 0:
+            print(f"[{cfg.name}] initialised from snapshot {cfg.init.snapshot}", flush=True)
     stop = {"sig": 0}
     previous = {s: signal.signal(s, lambda n, f: stop.update(sig=n))
                 for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}

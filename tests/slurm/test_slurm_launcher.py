@@ -91,10 +91,10 @@ def trainer():
 SUBMITTED = []  # every job these tests submitted, cancelled at the end if still queued
 
 
-def launch(trainer, *args, check=True) -> subprocess.CompletedProcess:
+def launch(trainer, *args, check=True, timeout=120) -> subprocess.CompletedProcess:
     """Run the launcher's command line as a user would."""
     cmd = [sys.executable, LAUNCHER, *args] + [a for s in trainer["sets"] for a in ("--set", s)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=trainer["env"], cwd=REPO, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=trainer["env"], cwd=REPO, timeout=timeout)
     SUBMITTED.extend(job_ids(out.stdout).values())
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
@@ -180,11 +180,15 @@ def cfg_train(path: str) -> dict:
 # Tests
 # ------------------------------------------------------------------------------------------------
 
+RATE = {}  # images/s of a 2-rank tiny run, measured by the chain test; sizes the time-limit run
+
+
 @pytest.fixture(scope="module")
 def time_limit_run(trainer):
-    """A 1-minute job limit on a run that needs several: started first, checked by the last test."""
-    out_dir = trainer["root"] / "timelimit"
-    total = 4096 if trainer["real"] else 32 * 320  # stand-in: 320 steps of 0.25 s, more than one job limit
+    """A 1-minute job limit on a run that needs ~100 s of training: started early, checked by the last test."""
+    out_dir, batch = trainer["root"] / "timelimit", cfg_train(PRE)["global_batch"]
+    rate = RATE.get("images_per_s") or (batch / float(trainer["env"].get("FAKE_STEP_S", 0.1)))
+    total = batch * max(int(rate * 100 / batch), 32)
     out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "1", "--tasks-per-node", "2", "--time", "1",
                  "--signal-delay-s", "5", "--sbatch", "nodelist=node2", "--set", f"out_dir={out_dir}",
                  "--set", "name=timelimit", "--set", f"train.total_images={total}")
@@ -202,7 +206,7 @@ def test_bad_requests_fail_at_submission(trainer):
     assert out.returncode == 2 and "sbatch refused" in out.stderr and "submitted job" not in out.stdout, out
 
 
-def test_chain_dry_run_matches_then_completes_from_snapshot(trainer, time_limit_run):
+def test_chain_dry_run_matches_then_completes_from_snapshot(trainer):
     out_dir = trainer["root"] / "chain"
     args = [FT, "--nodes", "2", "--time", "10", "--cpus-per-task", "1", "--job-name", "t-chain",
             "--set", f"out_dir={out_dir}"]
@@ -228,6 +232,8 @@ def test_chain_dry_run_matches_then_completes_from_snapshot(trainer, time_limit_
     wait_done(list(jobs.values()), timeout=240)
 
     pre, ft = metrics(str(out_dir / "slurm_pre")), metrics(str(out_dir / "slurm_ft"))
+    if "images_per_s" in pre[-1]:
+        RATE["images_per_s"] = sorted(m["images_per_s"] for m in pre)[len(pre) // 2]
     assert "world 2" in job_log(str(out_dir / "slurm_pre"), jobs["slurm_pre"])
     assert pre[-1]["images_seen"] == cfg_train(PRE)["total_images"]
     assert ft[-1]["images_seen"] == cfg_train(FT)["total_images"]
@@ -244,7 +250,7 @@ def test_chain_dry_run_matches_then_completes_from_snapshot(trainer, time_limit_
     assert "submitted job" not in again and "nothing to submit" in again, again
 
 
-def test_scontrol_requeue_resumes_from_latest(trainer):
+def test_scontrol_requeue_resumes_from_latest(trainer, time_limit_run):  # time-limit job runs alongside
     out_dir, t = trainer["root"] / "requeue", cfg_train(PRE)
     out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "2", "--time", "10", "--sbatch", "nodelist=node[1-2]",
                  "--set", f"out_dir={out_dir}", "--set", "name=requeue")
@@ -269,6 +275,16 @@ def test_preemption_by_urgent_partition_resumes(trainer):
     log = job_log(run_dir, job)
     assert "requeued job" in log or "not requeuing" in log, log  # the trainer saved and the launcher acted
     assert_resumed(run_dir, log, t["total_images"], t["global_batch"], t["ckpt_every_images"])
+
+
+def test_local_executor_runs_the_chain(trainer):
+    out_dir = trainer["root"] / "local"
+    out = launch(trainer, FT, "--local", "--tasks-per-node", "2", "--time", "10", "--set", f"out_dir={out_dir}",
+                 "--set", "train.total_images=64", timeout=300).stdout
+    assert re.search(r"\[slurm_pre\] finished: .*'images_seen': 64", out), out
+    assert re.search(r"\[slurm_ft\] finished: .*'images_seen': 64", out), out
+    ft_log = "".join(open(p).read() for p in glob.glob(str(out_dir / "slurm_ft" / "slurm" / "*" / "*_0_log.out")))
+    assert f"initialised from snapshot {out_dir / 'slurm_pre' / 'snapshots' / 'latest'}" in ft_log, ft_log
 
 
 def test_time_limit_requeues_and_completes(trainer, time_limit_run):
