@@ -11,6 +11,15 @@ from dimscale.diffusion.samplers import _dpmpp_step, fast_orders, initial_noise
 S = Schedule()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and thrash on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def coeffs(t: float):
     """(α_t, σ_t) of the continuous schedule as python floats."""
     tt = torch.tensor([t], dtype=torch.float64)
