@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/
+from tools.benchmarks.shards import photo_sources as bench_photo_sources, random_crop  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 PHOTOS = "/usr/share/backgrounds/mate/nature"
@@ -43,22 +44,8 @@ def fashion_images(n: int) -> np.ndarray:
 
 
 def photo_sources() -> list:
-    """The wallpaper photos, decoded at 1/4 scale (JPEG draft) to keep the tests fast: ~400-640 px wide."""
     require_data()
-    out = []
-    for f in sorted(os.listdir(PHOTOS)):
-        im = Image.open(os.path.join(PHOTOS, f))
-        im.draft("RGB", (im.width // 4, im.height // 4))
-        out.append(im.convert("RGB"))
-    return out
-
-
-def random_crop(src: Image.Image, w: int, h: int, rng) -> Image.Image:
-    """A w x h crop of `src` (scaled down first when the crop would not fit)."""
-    s = min(1.0, src.width / w, src.height / h)
-    cw, ch = int(w * s), int(h * s)
-    x, y = rng.integers(0, src.width - cw + 1), rng.integers(0, src.height - ch + 1)
-    return src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
+    return bench_photo_sources(PHOTOS)
 
 
 def png_header_only(path: str, w: int, h: int) -> None:

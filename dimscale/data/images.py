@@ -50,8 +50,18 @@ def resize_center_crop(im: Image.Image, tw: int, th: int, channels: int) -> Imag
     return im.resize((tw, th), RESAMPLE, box=crop_box(*im.size, tw, th))
 
 
+def decode_image(data: bytes, tw: int, th: int, channels: int) -> Image.Image:
+    """Encoded image bytes -> RGB / L Pillow image of exactly tw x th."""
+    return resize_center_crop(Image.open(io.BytesIO(data)), tw, th, channels)
+
+
 def decode(data: bytes, tw: int, th: int, channels: int) -> np.ndarray:
     """Encoded image bytes -> (th, tw, channels) uint8 array at the target size."""
-    im = resize_center_crop(Image.open(io.BytesIO(data)), tw, th, channels)
-    a = np.asarray(im)
+    a = np.asarray(decode_image(data, tw, th, channels))
     return a[:, :, None] if a.ndim == 2 else a
+
+
+def write_planes(im: Image.Image, out: np.ndarray) -> None:
+    """Copy an RGB / L image into out (C, H, W) uint8, one band at a time (no HWC -> CHW transpose pass)."""
+    for c, band in enumerate(im.getbands()):
+        out[c] = np.frombuffer(im.tobytes("raw", band), np.uint8).reshape(out.shape[1:])

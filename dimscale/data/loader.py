@@ -28,11 +28,12 @@ from collections import Counter
 
 import numpy as np
 import torch
+from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from dimscale.data.buckets import BucketSchedule, parse_bucket_name, scaled_size, size_multiple
-from dimscale.data.images import decode
+from dimscale.data.images import decode_image, write_planes
 
 log = logging.getLogger("dimscale.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
@@ -248,32 +249,32 @@ class LaneBatches(torch.utils.data.IterableDataset):
                    "step": step, "_lane": lane, "_lane_state": json.loads(json.dumps(state))}
             step += sp["lanes"]
 
-    def decode_sample(self, sample: dict, bucket: str) -> np.ndarray:
-        """-> (H, W, C) uint8 pixels at the bucket's training size, or (8, h, w) float32 VAE moments."""
+    def decode_sample(self, sample: dict, bucket: str):
+        """-> Pillow image at the bucket's training size, or (8, h, w) float32 VAE moments."""
         if self.spec["latent"] == "moments":
             return np.load(io.BytesIO(sample["moments.npy"]), allow_pickle=False)
         tw, th = self.spec["sizes"][bucket]
         data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-        return decode(data, tw, th, self.spec["channels"])
+        return decode_image(data, tw, th, self.spec["channels"])
 
     def collate(self, xs: list, step: int) -> dict:
         """Stack moments, or random-flip (seeded by rank and step) and stack pixels as uint8 (B, C, H, W)."""
         if self.spec["latent"] == "moments":
             return {"x": torch.from_numpy(np.stack(xs))}  # flipped moments != moments of the flipped image
+        flip = np.zeros(len(xs), bool)
         if self.spec["random_flip"]:
             flip = np.random.default_rng([self.spec["seed"], self.spec["rank"], step, 0xF11]).random(len(xs)) < 0.5
-            xs = [a[:, ::-1] if f else a for a, f in zip(xs, flip)]
-        h, w, c = xs[0].shape
-        out = np.empty((len(xs), c, h, w), np.uint8)
-        for i, a in enumerate(xs):
-            out[i] = a.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W), flip included, one copy
+        w, h = xs[0].size
+        out = np.empty((len(xs), len(xs[0].getbands()), h, w), np.uint8)
+        for i, (im, f) in enumerate(zip(xs, flip)):
+            write_planes(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else im, out[i])
         # uint8 crosses the worker -> trainer pipe (4x less than float); the consumer makes floats
         return {"pixels": torch.from_numpy(out)}
 
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float (B, C, H, W) in [-1, 1]."""
-    return pixels.mul(1 / 127.5).sub_(1.0)
+    return pixels.float().mul_(1 / 127.5).sub_(1.0)  # uint8 * scalar would take torch's slow casting path (4x)
 
 
 # ------------------------------------------------------------------------------------------------

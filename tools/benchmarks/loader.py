@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tools.benchmarks.shards import make_photo_files
+from tools.benchmarks.shards import PHOTOS, make_photo_files
 
 
 def cpu_seconds() -> float:
@@ -61,12 +61,13 @@ def main(argv) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--side", type=int, default=192)
+    p.add_argument("--photos", default=PHOTOS, help="folder of source photos to crop from")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     from tools.make_shards import main as make_shards
     tmp = tempfile.mkdtemp(prefix="bench_loader_")
     try:
-        make_photo_files(os.path.join(tmp, "src"), a.images, min_side=256, max_side=700)
+        make_photo_files(os.path.join(tmp, "src"), a.images, min_side=256, max_side=700, photos=a.photos)
         shards = os.path.join(tmp, "shards")
         with contextlib.redirect_stdout(io.StringIO()):
             make_shards([os.path.join(tmp, "src"), shards, "--resolution", "256", "--buckets", "256x256",

@@ -22,13 +22,13 @@ from PIL import Image
 PHOTOS = "/usr/share/backgrounds/mate/nature"
 
 
-def photo_sources() -> list:
+def photo_sources(folder: str = PHOTOS) -> list:
     """The wallpaper photos (Debian mate-backgrounds), decoded at 1/4 scale: ~400-640 px wide."""
-    if not os.path.isdir(PHOTOS):
-        raise SystemExit(f"{PHOTOS} missing: apt-get install -y --no-install-recommends mate-backgrounds")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder} missing: apt-get install -y --no-install-recommends mate-backgrounds")
     out = []
-    for f in sorted(os.listdir(PHOTOS)):
-        im = Image.open(os.path.join(PHOTOS, f))
+    for f in sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png"))):
+        im = Image.open(os.path.join(folder, f))
         im.draft("RGB", (im.width // 4, im.height // 4))
         out.append(im.convert("RGB"))
     return out
@@ -42,10 +42,11 @@ def random_crop(src: Image.Image, w: int, h: int, rng) -> Image.Image:
     return src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.BILINEAR)
 
 
-def make_photo_files(root: str, n: int, seed: int = 0, min_side: int = 200, max_side: int = 640) -> None:
+def make_photo_files(root: str, n: int, seed: int = 0, min_side: int = 200, max_side: int = 640,
+                     photos: str = PHOTOS) -> None:
     """n JPEG crops (q90) of varied size and aspect ratio in 4 class folders."""
     rng = np.random.default_rng(seed)
-    srcs = photo_sources()
+    srcs = photo_sources(photos)
     for i in range(n):
         aspect = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
         side = int(rng.integers(min_side, max_side))
@@ -79,12 +80,13 @@ def main(argv) -> dict:
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--photos", default=PHOTOS, help="folder of source photos to crop from")
     a = p.parse_args(argv)
     from tools.make_shards import main as make_shards
     tmp = tempfile.mkdtemp(prefix="bench_shards_")
     try:
         src = os.path.join(tmp, "src")
-        make_photo_files(src, a.images)
+        make_photo_files(src, a.images, photos=a.photos)
         ours, bare, ours2 = [], [], []
         for rep in range(a.reps):
             out = os.path.join(tmp, f"out{rep}")
