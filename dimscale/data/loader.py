@@ -13,8 +13,8 @@ Everything is a pure function of (seed, rank, step), so nothing random has to be
   (perm_e: a seeded permutation of the bucket's shards for epoch e). Slot rank*lanes + lane reads G[slot::ranks*lanes]:
   within one pass the slots read disjoint shards, and no rank ever runs dry (resampling across epochs, B.8).
 - Inside a shard, windows of `shuffle_buffer` samples are permuted (seeded by shard position and window), so a
-  stream's position is two ints: (k-th shard of the stream, samples taken from it). Restoring re-reads only the
-  raw bytes of the current window of the current shard; nothing consumed is decoded again.
+  stream's position is two ints: (k-th shard of the stream, samples taken from it). Restoring opens the current
+  shard and skips the taken samples as raw bytes (read, never decoded); earlier shards are not touched.
 - A shard that fails to open or is cut short is skipped and counted; so is an undecodable sample.
 """
 from __future__ import annotations
@@ -65,13 +65,13 @@ def shard_urls(entry: dict, base: str, url_template: str) -> list:
 
 
 def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, lanes: int) -> tuple:
-    """-> (names, probs, micro_batches, shard counts, report lines). Empty / under-filled buckets are excluded."""
+    """-> (names, probs, micro_batches, report lines) of the usable buckets; empty / under-filled ones are excluded."""
     table = data_cfg.buckets or {}
     unknown = sorted(set(table) - set(manifest["buckets"]))
     if unknown:
         raise ValueError(f"data.buckets names {unknown} that the shards do not have; "
                          f"available: {', '.join(b for b, e in manifest['buckets'].items() if e['count'])}")
-    names, probs, mbs, report = [], [], [], []
+    names, probs, mbs, report, empty = [], [], [], [], []
     for name, entry in manifest["buckets"].items():
         if table and name not in table:
             continue
@@ -82,8 +82,7 @@ def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, la
         mb, count = int(conf.get("micro_batch", micro_batch)), entry["count"]
         prob = float(conf.get("prob", count))
         if count == 0:
-            if name in table:
-                report.append(f"bucket {name}: empty (0 images in the shards), excluded")
+            empty.append(name)
             continue
         if prob <= 0:
             continue
@@ -97,6 +96,8 @@ def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, la
         names.append(name)
         probs.append(prob)
         mbs.append(mb)
+    if empty:
+        report.append(f"buckets with 0 images in the shards, excluded: {', '.join(empty)}")
     return names, probs, mbs, report
 
 
@@ -227,12 +228,11 @@ class LaneBatches(torch.utils.data.IterableDataset):
         state = json.loads(json.dumps(self.lane_states.get(str(lane), {"streams": {}, "skipped": {}})))
         skipped = Counter(state["skipped"])
         schedule = BucketSchedule(sp["names"], sp["probs"], sp["micro_batches"], sp["seed"])
-        streams = {}
-        for b, name in enumerate(sp["names"]):
-            pos = state["streams"].setdefault(name, [0, 0])
-            slot = sp["rank"] * sp["lanes"] + lane
-            streams[name] = ShardStream(sp["urls"][name], slot, sp["world_size"] * sp["lanes"], sp["seed"],
-                                        sp["bucket_ids"][name], sp["window"], pos, skipped)
+        slot = sp["rank"] * sp["lanes"] + lane
+        streams = {name: ShardStream(sp["urls"][name], slot, sp["world_size"] * sp["lanes"], sp["seed"],
+                                     sp["bucket_ids"][name], sp["window"], state["streams"].setdefault(name, [0, 0]),
+                                     skipped)
+                   for name in sp["names"]}
         while True:
             name, mb = schedule.bucket(step)
             xs, ys, keys = [], [], []
@@ -274,7 +274,7 @@ class LaneBatches(torch.utils.data.IterableDataset):
 
 def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float (B, C, H, W) in [-1, 1]."""
-    return pixels.float().mul_(1 / 127.5).sub_(1.0)  # uint8 * scalar would take torch's slow casting path (4x)
+    return pixels.float().mul_(1 / 127.5).sub_(1.0)  # uint8 * float scalar takes a ~4x slower casting path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +287,8 @@ class ShardLoader:
     def __init__(self, data_cfg, micro_batch: int, rank: int, world_size: int, seed: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if data_cfg.channels not in (1, 3):
+            raise ValueError(f"data.channels = {data_cfg.channels}; use 3 (RGB) or 1 (grey)")
         manifest, base = read_manifest(data_cfg.shards)
         lanes = max(1, data_cfg.num_workers)
         names, probs, mbs, report = plan_buckets(manifest, data_cfg, micro_batch, world_size, lanes)
@@ -311,9 +313,9 @@ class ShardLoader:
             "names": names, "probs": probs, "micro_batches": mbs, "seed": seed, "rank": rank,
             "world_size": world_size, "lanes": lanes, "window": data_cfg.shuffle_buffer,
             "bucket_ids": {n: i for i, n in enumerate(manifest["buckets"])},
-            "urls": {n: shard_urls(manifest["buckets"][n], base, getattr(data_cfg, "shard_url", "")) for n in names},
+            "urls": {n: shard_urls(manifest["buckets"][n], base, data_cfg.shard_url) for n in names},
             "sizes": {n: scaled_size(*parse_bucket_name(n), shard_res, data_cfg.resolution, multiple) for n in names},
-            "channels": getattr(data_cfg, "channels", 3), "latent": latent, "random_flip": data_cfg.random_flip,
+            "channels": data_cfg.channels, "latent": latent, "random_flip": data_cfg.random_flip,
         }
         self.num_workers = data_cfg.num_workers
         self.schedule = BucketSchedule(names, probs, mbs, seed)
@@ -324,8 +326,8 @@ class ShardLoader:
     def __iter__(self):
         dataset = LaneBatches(self.spec, self.step, self.lane_states)
         if self.num_workers > 0:
-            batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
+            # no pin_memory: the uint8 batch becomes a new float tensor here anyway
+            batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         else:
             batches = dataset.batches(self.step)
         for batch in batches:
