@@ -86,3 +86,28 @@ def test_latent_snapshot_decodes_with_vae(tmp_path):
     assert main(args + ["--vae", str(tmp_path / "vae")]) == 0
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (2, 8, 8, 3) and arr.dtype == np.uint8                       # tiny VAE: no downsampling
+
+
+def test_snapshot_written_by_the_trainer(tmp_path):
+    """The trainer's own EMA snapshot (a 2-step run of dimscale/train.py) samples at 1x and at 2x."""
+    import json
+    import subprocess
+    from test_train_dist import CONFIG, REPO, clean_env, fmnist_shards
+    sets = {"data.shards": fmnist_shards(), "out_dir": str(tmp_path), "name": "t", "data.resolution": 8,
+            "model.input_size": 8, "data.num_workers": 0, "train.total_images": 32, "train.global_batch": 16,
+            "train.micro_batch": 16, "train.warmup_images": 0, "train.snapshot_every_images": 32,
+            "train.ckpt_every_images": 0, "train.sample_every_images": 0}
+    cmd = [sys.executable, "dimscale/train.py", "--config", str(CONFIG)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    snap = str(tmp_path / "t" / "snapshots" / "latest")
+    channels = json.loads((tmp_path / "t" / "snapshots" / "latest" / "snapshot.json").read_text())["model"]["in_channels"]
+    for m, side in ((1, 8), (2, 16)):
+        npz = str(tmp_path / f"s{m}.npz")
+        assert main([snap, "--num", "4", "--steps", "4", "--upsample", str(m), "--out", str(tmp_path / f"g{m}.png"),
+                     "--npz", npz]) == 0
+        arr = np.load(npz)["arr_0"]
+        assert arr.shape == (4, side, side, channels) and len({a.tobytes() for a in arr}) == 4
+        assert Image.open(tmp_path / f"g{m}.png").size == (2 + 2 * (side + 2),) * 2
