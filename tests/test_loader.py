@@ -184,7 +184,8 @@ def test_vae_moments_written_and_loaded(tmp_path, fashion):
         w, h = (int(v) for v in b["bucket"].split("x"))
         assert b["x"].shape == (2, 8, h // 8, w // 8) and b["x"].dtype == torch.float32
         pixels = torch.from_numpy(np.stack([pngs[k] for k in b["key"]])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        torch.testing.assert_close(b["x"], encode_moments(vae, pixels).float(), atol=1e-4, rtol=1e-4)
+        tol = 1e-2 if torch.cuda.is_available() else 1e-4  # make_shards encodes on the GPU when there is one (TF32)
+        torch.testing.assert_close(b["x"], encode_moments(vae, pixels).float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="moments need equal sizes"):
         build_loader(DataConfig(shards=str(tmp_path / "shards"), resolution=32, latent="moments"), 2, 0, 1, 0)
     with pytest.raises(ValueError, match="--vae"):
