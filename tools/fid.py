@@ -147,8 +147,9 @@ def accumulate(det, batches, stats: FeatureStats, device, progress, world: int, 
         if keep_images is not None and (keep_below is None or indices.min() < keep_below):
             sel = indices < (keep_below if keep_below is not None else indices.max() + 1)
             keep_images.append((indices[sel], torch.stack(images)[sel]))
-        if progress is not None:
-            progress.update(min(len(indices) * world, progress.total - progress.n))
+        if progress is not None:   # other ranks progress alike; count them so the bar shows the global img/s
+            step = len(indices) * world
+            progress.update(step if progress.total is None else min(step, progress.total - progress.n))
     return time.time() - t0
 
 
@@ -241,13 +242,12 @@ def source_stats(det, source, args, rank, world, device, num, keep=False, desc="
     return stats.all_reduce(), seconds
 
 
-def source_len(source, num: int) -> int:
+def source_len(source, num: int) -> int | None:
+    """Images to use: all of the source, or the first `num`; None when unknown (shards without a manifest)."""
     try:
         n = len(source)
-    except ValueError:
-        if not num:
-            raise
-        return num
+    except TypeError:
+        return num or None
     return min(n, num) if num else n
 
 
@@ -322,6 +322,8 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
     hits = torch.zeros(2, dtype=torch.float64) if not is_fid else None
     kept = [] if args.npz_out else None
     bar = tqdm(total=num, unit="img", desc="samples", disable=rank != 0 or args.no_progress, mininterval=1)
+    if dist.is_initialized():
+        dist.barrier()            # time the parallel feature phase, not the ranks' start-up skew
     t_feat = time.time()
     accumulate(det, batches, stats, device, bar, world, kept, hits)
     bar.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 import os
 import zipfile
 
@@ -136,21 +135,14 @@ class IdxSource:
 
 
 def shard_urls(spec: str) -> tuple[list[str], int | None]:
-    """Tar paths of a shard spec (manifest.json, a folder holding one or tars, a glob) and the image count if known."""
+    """Tar paths of a shard spec (make_shards manifest.json or its folder, a folder of .tar, a glob), image count."""
     manifest = spec if spec.endswith(".json") else os.path.join(spec, "manifest.json")
     if os.path.isfile(manifest):
-        with open(manifest) as f:
-            m = json.load(f)
-        root = os.path.dirname(manifest)
-        entries = m.get("shards", [])
-        urls = [os.path.join(root, e if isinstance(e, str) else (e.get("url") or e.get("path") or e["name"]))
-                for e in entries]
-        counts = [e.get("count", e.get("num_samples")) for e in entries if isinstance(e, dict)]
-        total = m.get("num_samples", m.get("count"))
-        if total is None and counts and None not in counts and len(counts) == len(urls):
-            total = sum(counts)
-        if urls:
-            return urls, total
+        from dimscale.data.loader import read_manifest
+        from dimscale.data.loader import shard_urls as bucket_urls
+        m, base = read_manifest(manifest)
+        urls = [u for entry in m["buckets"].values() for u in bucket_urls(entry, base, "")]
+        return urls, m.get("total")
     urls = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True)) if os.path.isdir(spec) \
         else sorted(glob.glob(spec))
     if not urls:
@@ -168,7 +160,7 @@ class ShardSource:
 
     def __len__(self):
         if self.count is None:
-            raise ValueError("the image count of these shards is unknown (no manifest); pass --num")
+            raise TypeError("the image count of these shards is unknown (no manifest.json)")
         return self.count
 
     def batches(self, batch: int, rank: int, world: int, limit: int | None = None):

@@ -132,16 +132,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     tr (Σ1Σ2)^½ = Σ √λ(Σ1^½ Σ2 Σ1^½): that matrix is symmetric PSD, so a symmetric eigensolver gives it
     without the complex round-off that sqrtm of the non-symmetric Σ1Σ2 produces on rank-deficient covariances.
+    Eigenvalues below the solver's round-off (D·eps·λmax) are set to 0: √ amplifies 1e-16 noise to 1e-8, which
+    would make the distance depend on summation order (e.g. the number of ranks) for rank-deficient Σ.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape} "
                          "(were both computed with the same detector?)")
+
+    def psd_eigvals(w):
+        return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0.0), w, 0.0)
+
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    sqrt_s1 = (v * np.sqrt(psd_eigvals(w))) @ v.T
     m = sqrt_s1 @ s2 @ sqrt_s1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    tr_covmean = np.sqrt(psd_eigvals(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
