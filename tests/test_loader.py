@@ -1,6 +1,7 @@
 """dimscale.data loader on real shards: buckets, exact resume, ranks x workers splits, corrupt shards, pipe: URLs."""
 import io
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tarfile
@@ -117,15 +118,29 @@ def test_exact_resume_with_two_workers(photos):
         other.load_state_dict(state)
 
 
+def _rank_keys(shards, rank, queue):
+    """One rank in its own process: 20 steps (one pass) + 4 more, reporting keys, batch sizes and images seen."""
+    cfg = DataConfig(shards=shards, resolution=32, channels=1, num_workers=2, shuffle_buffer=20)
+    loader = build_loader(cfg, 10, rank, 2, seed=11)
+    batches = take(loader, 20 + 4)  # 20 steps = one pass (2 shards x 50 per rank and worker), then resampling
+    queue.put((rank, [b["key"] for b in batches], [b["bucket"] for b in batches], loader.counts()["images"]))
+
+
 def test_two_ranks_two_workers_one_pass_sees_each_sample_once(fashion):
-    cfg = DataConfig(shards=str(fashion), resolution=32, channels=1, num_workers=2, shuffle_buffer=20)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    ranks = [ctx.Process(target=_rank_keys, args=(str(fashion), r, queue)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in ranks))
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0][1] == results[1][1]  # same bucket at every step
     keys = []
-    for rank in (0, 1):
-        loader = build_loader(cfg, 10, rank, 2, seed=11)
-        batches = take(loader, 20 + 4)  # 20 steps = one pass (2 shards x 50 per rank and worker), then resampling
-        keys += [k for b in batches[:20] for k in b["key"]]
-        assert all(len(b["key"]) == 10 for b in batches)  # no rank runs dry after the pass
-        assert loader.counts()["images"] == 240
+    for rank, (batch_keys, _, images) in results.items():
+        assert all(len(k) == 10 for k in batch_keys) and images == 240  # no rank runs dry after the pass
+        keys += [k for b in batch_keys[:20] for k in b]
     assert len(keys) == 400 and len(set(keys)) == 400  # all 400 samples, none twice
 
 
