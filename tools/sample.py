@@ -32,7 +32,8 @@ def parse_args(argv):
     p.add_argument("snapshot", help="EMA snapshot folder written by the trainer (runs/NAME/snapshots/latest)")
     p.add_argument("--labels", default="", help="comma-separated class ids, one image each (default: random)")
     p.add_argument("--num", type=int, default=16, help="number of images when --labels is not given")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (initial noise and random label)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i starts from the noise of seed + i; random labels are drawn from seed")
     p.add_argument("--steps", type=int, default=50, help="number of model evaluations (NFE)")
     p.add_argument("--sampler", default="dpm++", choices=sorted(SAMPLERS))
     p.add_argument("--cfg-scale", type=float, default=None,
