@@ -121,25 +121,57 @@ def _two_level_scan(a, b, chunk, reverse=False):
     return h.view(nc * chunk, M)[:L]
 
 
-class _LinearScan(torch.autograd.Function):
-    """h = scan(a, b) with the adjoint scan as backward: g_t = dh_t + a_{t+1} g_{t+1}; da_t = g_t h_{t-1}."""
+def _outer_or_mul(x, y, variable):
+    """x * y broadcast to (L, B, N, D); a batched outer product (BLAS) when B/C vary with time."""
+    return torch.matmul(x, y) if variable else x * y
+
+
+class _SelectiveScanCore(torch.autograd.Function):
+    """y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + xu_t B_t, with a hand-written backward (the adjoint scan
+    g_t = dh_t + a_{t+1} g_{t+1}) so autograd never sees the (L, B, N, D) broadcasts.
+
+    Layout is time-major with the channel dim D innermost, (L, B, N, D), so every full-size op is a
+    contiguous, vectorised loop over D. dt, xu: (L, B, 1, D); At: (N, D); Bt, Ct: (L, B, N, 1) when
+    variable ("matmul" path) or anything broadcastable to (L, B, N, D).
+    """
 
     @staticmethod
-    def forward(ctx, a, b, chunk):
-        h = _two_level_scan(a, b, chunk)
-        ctx.save_for_backward(a, h)
-        ctx.chunk = chunk
-        return h
+    def forward(ctx, dt, xu, At, Bt, Ct, chunk):
+        variable = Bt.dim() == 4 and Bt.shape[-1] == 1 and Ct.dim() == 4 and Ct.shape[-1] == 1
+        a = torch.exp(dt * At).contiguous()                                     # (L, B, N, D), in (0, 1]
+        b = _outer_or_mul(Bt, xu, variable).contiguous()                        # (L, B, N, D)
+        L = a.shape[0]
+        h = _two_level_scan(a.view(L, -1), b.view(L, -1), chunk).view(a.shape)
+        y = torch.matmul(Ct.transpose(-1, -2), h) if variable else (h * Ct).sum(2, keepdim=True)  # (L, B, 1, D)
+        ctx.save_for_backward(dt, xu, At, Bt, Ct, a, h)
+        ctx.chunk, ctx.variable = chunk, variable
+        return y, h[-1]
 
     @staticmethod
-    def backward(ctx, dh):
-        a, h = ctx.saved_tensors
-        a_next = torch.cat([a[1:], a.new_zeros(1, a.shape[1])])   # (L, M) a_{t+1}; nothing after the end
-        g = _two_level_scan(a_next, dh.contiguous(), ctx.chunk, reverse=True)
-        da = torch.empty_like(a)
-        da[0] = 0
-        torch.mul(g[1:], h[:-1], out=da[1:])
-        return da, g, None
+    def backward(ctx, gy, glast):
+        dt, xu, At, Bt, Ct, a, h = ctx.saved_tensors
+        variable, L = ctx.variable, a.shape[0]
+        gh = _outer_or_mul(Ct, gy, variable)                                    # (L, B, N, D) dLoss/dh_t, direct
+        if glast is not None:
+            gh[-1] += glast
+        a_next = torch.cat([a[1:], a.new_zeros(1, *a.shape[1:])])               # a_{t+1}; nothing after the end
+        g = _two_level_scan(a_next.view(L, -1), gh.view(L, -1), ctx.chunk, reverse=True).view(a.shape)
+        del a_next, gh
+        if variable:
+            dC = torch.matmul(h, gy.transpose(-1, -2))                          # (L, B, N, 1)
+            dB = torch.matmul(g, xu.transpose(-1, -2))
+            dxu = torch.matmul(Bt.transpose(-1, -2), g)                         # (L, B, 1, D)
+        else:
+            dC = (h * gy).sum_to_size(Ct.shape)
+            dB = (g * xu).sum_to_size(Bt.shape)
+            dxu = (g * Bt).sum(2, keepdim=True)
+        dlog = torch.empty_like(g)                                              # dLoss/d(dt A) = g_t h_{t-1} a_t
+        dlog[0] = 0
+        torch.mul(g[1:], h[:-1], out=dlog[1:])
+        dlog *= a
+        ddt = (dlog * At).sum(2, keepdim=True)                                  # (L, B, 1, D)
+        dAt = (dlog * dt).sum((0, 1))                                           # (N, D)
+        return ddt, dxu, dAt, dB, dC, None
 
 
 def default_chunk(L):
@@ -147,10 +179,10 @@ def default_chunk(L):
     return max(4, int(round(math.sqrt(L))))
 
 
-def _time_major(M, L, dim):
-    """B/C as a (L, B, D or 1, N) fp32 tensor (variable) or (D, N) (constant)."""
-    M = _expand_BC(M, dim)
-    return M if M.dim() == 2 else M.permute(3, 0, 1, 2)
+def _time_major(M, dim):
+    """B/C as (L, B, N, 1) (variable), (L, B, N, D) (grouped) or (N, D) (constant), fp32."""
+    M = _expand_BC(M, dim)                                      # (B, 1 or D, N, L) or (D, N)
+    return M.t().contiguous() if M.dim() == 2 else M.permute(3, 0, 2, 1).contiguous()
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -160,17 +192,13 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     dtype_in = u.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):  # the SSM runs in fp32 (Mamba README)
         u, delta = _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus)
-        Bt, Ct = _time_major(B, u.shape[2], A.shape[0]), _time_major(C, u.shape[2], A.shape[0])
-        L, Bsz, Dd, N = u.shape[2], u.shape[0], A.shape[0], A.shape[1]
-        delta_t = delta.permute(2, 0, 1).contiguous()[..., None]                         # (L, B, D, 1)
-        du_t = (delta * u).permute(2, 0, 1).contiguous()[..., None]                       # (L, B, D, 1)
-        dA = torch.exp(delta_t * A.float())                                              # (L, B, D, N) in (0, 1]
-        dBu = du_t * Bt                                                                  # (L, B, D, N)
-        h = _LinearScan.apply(dA.reshape(L, -1), dBu.reshape(L, -1), chunk_size or default_chunk(L))
-        h = h.view(L, Bsz, Dd, N)
-        y = torch.einsum("lbdn,dn->lbd", h, Ct) if Ct.dim() == 2 else (h * Ct).sum(-1)   # (L, B, D)
-        out = _finish(y.permute(1, 2, 0), u, D, z, dtype_in)
-    return (out, h[-1]) if return_last_state else out
+        L = u.shape[2]
+        dt = delta.permute(2, 0, 1).contiguous().unsqueeze(2)                           # (L, B, 1, D)
+        xu = (delta * u).permute(2, 0, 1).contiguous().unsqueeze(2)                      # (L, B, 1, D)
+        y, last = _SelectiveScanCore.apply(dt, xu, A.float().t().contiguous(), _time_major(B, A.shape[0]),
+                                           _time_major(C, A.shape[0]), chunk_size or default_chunk(L))
+        out = _finish(y.squeeze(2).permute(1, 2, 0), u, D, z, dtype_in)               # (B, D, L)
+    return (out, last.transpose(1, 2)) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------------------------
