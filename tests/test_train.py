@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_dist import CONFIG, REPO, clean_env, fmnist_shards, free_port, losses, overrides
+from test_train_dist import CONFIG, REPO, clean_env, exit_now, fmnist_shards, free_port, losses, overrides
 
 
 @pytest.fixture
@@ -18,12 +18,15 @@ def one_process(monkeypatch):
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            DS_ACCELERATOR="cpu").items():
         monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only contend on a shared CPU
 
     def run(argv):
         from dimscale import train
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
         return train.main(argv)
-    return run
+    yield run
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,15 +68,17 @@ def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process,
     from dimscale.config import ModelConfig
     from dimscale.models import adapt_state_dict, build_model
     shards = fmnist_shards()
-    pre = overrides(shards, tmp_path, "pre", total_images=64, ema_decay=0.5, snapshot_every_images=64)
-    assert one_process(["--config", str(CONFIG), *pre, "--set", "data.resolution=8", "--set", "model.input_size=8"]) == 0
+    pre = overrides(shards, tmp_path, "pre", total_images=48, ema_decay=0.5, snapshot_every_images=48, micro_batch=8)
+    assert one_process(["--config", str(CONFIG), *pre]) == 0
     snap = tmp_path / "pre" / "snapshots" / "latest"
     meta = json.loads((snap / "snapshot.json").read_text())
-    assert meta["data"]["resolution"] == 8 and meta["images_seen"] == 64
+    assert meta["data"]["resolution"] == 8 and meta["images_seen"] == 48
 
     # lr = 0 keeps the online weights where the snapshot put them; bf16 autocast must not round them either
-    ft = overrides(shards, tmp_path, "ft", total_images=32, lr=0.0, warmup_images=0, precision="bf16", zero_stage=1)
-    assert one_process(["--config", str(CONFIG), *ft, "--set", f"init.snapshot={snap}"]) == 0
+    ft = overrides(shards, tmp_path, "ft", total_images=16, lr=0.0, warmup_images=0, precision="bf16", zero_stage=1,
+                   snapshot_every_images=16, micro_batch=8)
+    assert one_process(["--config", str(CONFIG), *ft, "--set", f"init.snapshot={snap}", "--set", "data.resolution=16",
+                        "--set", "model.input_size=16"]) == 0
     expected = adapt_state_dict(load_file(snap / "ema.safetensors"),
                                 build_model(ModelConfig(**{**meta["model"], "input_size": 16})))
     got = load_file(tmp_path / "ft" / "snapshots" / "latest" / "ema.safetensors")
@@ -94,7 +99,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch
     shards = fmnist_shards()
     monkeypatch.setitem(train._injected, "count", 0)
     monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:2")  # two bad micro-batches at step 2, then fine
-    args = overrides(shards, tmp_path, "skip", total_images=64, max_nonfinite_in_a_row=3)
+    args = overrides(shards, tmp_path, "skip", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=0,
+                     micro_batch=8)
     assert one_process(["--config", str(CONFIG), *args]) == 0
     rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["nonfinite_skipped"] == 2
@@ -102,7 +108,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch
 
     monkeypatch.setitem(train._injected, "count", 0)
     monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:100")  # never recovers
-    args = overrides(shards, tmp_path, "stop", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=16)
+    args = overrides(shards, tmp_path, "stop", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=16,
+                     micro_batch=8)
     assert one_process(["--config", str(CONFIG), *args]) == 1
     assert "3 non-finite losses in a row" in capsys.readouterr().err
     latest = tmp_path / "stop" / "checkpoints" / "latest"
@@ -135,7 +142,7 @@ def _ema_worker(rank, port, results):
         initial = {n: t.float() for n, t in reference.items()}
         gen = torch.Generator().manual_seed(1234 + rank)
         for _ in range(3):
-            x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+            x, y = torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
             engine.backward(training_loss(engine, x, y, Schedule(), generator=gen))
             engine.step()
             ema.update(engine.module)
@@ -148,6 +155,7 @@ def _ema_worker(rank, port, results):
                       "initial": {n: t.numpy() for n, t in initial.items()},
                       "reference": {n: t.float().numpy() for n, t in reference.items()}}
     results.put((rank, out))
+    exit_now(results)
 
 
 def test_ema_under_zero3_equals_the_ema_of_gathered_parameters():
