@@ -151,7 +151,8 @@ class _SelectiveScanCore(torch.autograd.Function):
     def backward(ctx, gy, glast):
         dt, xu, At, Bt, Ct, a, h = ctx.saved_tensors
         variable, L = ctx.variable, a.shape[0]
-        gh = _outer_or_mul(Ct, gy, variable)                                    # (L, B, N, D) dLoss/dh_t, direct
+        gy = gy.contiguous()
+        gh = _outer_or_mul(Ct, gy, variable).contiguous()                       # (L, B, N, D) dLoss/dh_t, direct
         if glast is not None:
             gh[-1] += glast
         a_next = torch.cat([a[1:], a.new_zeros(1, *a.shape[1:])])               # a_{t+1}; nothing after the end
