@@ -1,6 +1,6 @@
 """FID, Inception Score and precision/recall of generated samples against a reference, on any number of ranks.
 
-    python tools/fid.py eval --snapshot runs/NAME/snapshots/latest --num 50000 --ref VIRTUAL_imagenet256.npz
+    python tools/fid.py eval --snapshot runs/NAME/snapshots/latest --num-samples 50000 --ref VIRTUAL_imagenet256.npz
     torchrun --nproc_per_node 8 tools/fid.py eval --snapshot ... --ref ...      (also deepspeed, srun)
     python tools/fid.py eval --samples samples.npz --ref ref.npz --pr           (an .npz, image folder or shards)
     python tools/fid.py ref data/shards/val --out ref.npz --images 10000        (mu, sigma [, arr_0 for P/R])
@@ -62,7 +62,8 @@ def parse_args(argv):
     src.add_argument("--snapshot", help="EMA snapshot folder: generate the samples on every rank")
     src.add_argument("--samples", help="samples: .npz (arr_0 NHWC uint8), image folder, shards, or idx:test")
     e.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma[, arr_0]) or an image source")
-    e.add_argument("--num", type=int, default=0, help="number of samples (default: 50000 generated / all read)")
+    # not --num: torchrun would take it for its own --numa-binding
+    e.add_argument("--num-samples", type=int, default=0, help="samples (default: 50000 generated / all read)")
     e.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; labels drawn from seed")
     e.add_argument("--labels", default="uniform", choices=("uniform", "balanced"),
                    help="class of sample i: uniform randint from --seed (DiM/sample.py), or i %% num_classes")
@@ -80,7 +81,7 @@ def parse_args(argv):
     r = sub.add_parser("ref", help="reference statistics of an image source")
     r.add_argument("source", help=".npz (arr_0), image folder, WebDataset shards, or idx:train|test")
     r.add_argument("--out", required=True, help="output .npz: mu, sigma, protocol [, arr_0]")
-    r.add_argument("--num", type=int, default=0, help="use the first N images only (default: all)")
+    r.add_argument("--num-images", type=int, default=0, help="use the first N images only (default: all)")
     r.add_argument("--images", type=int, default=0, help="also store the first N images as arr_0 (P/R, ADM layout)")
     common(r)
     return p.parse_args(argv)
@@ -180,19 +181,19 @@ def generated_batches(args, rank: int, world: int, device, proto: dict):
         vae = load_vae(args.vae or data.get("vae_path", ""), device)
     num_classes = mcfg["num_classes"]
     if args.labels == "balanced":
-        labels = torch.arange(args.num) % num_classes
+        labels = torch.arange(args.num_samples) % num_classes
     else:   # the same draw as tools/sample.py: randint over all N from --seed, then sliced per batch
-        labels = torch.randint(0, num_classes, (args.num,), generator=torch.Generator().manual_seed(args.seed))
+        labels = torch.randint(0, num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed))
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else diff.get("cfg_scale", 0.4)
     schedule = Schedule(diff.get("num_timesteps", 1000), diff.get("beta_start", 0.00085), diff.get("beta_end", 0.012))
     proto.update(checkpoint=os.path.abspath(args.snapshot),
                  checkpoint_sha256=sha256_file(os.path.join(args.snapshot, "ema.safetensors")),
                  images_seen=meta.get("images_seen"), model=mcfg.get("name"), sampler=args.sampler,
                  steps=args.steps, cfg_scale=cfg_scale, cfg_convention=CFG_CONVENTION, upsample=args.upsample,
-                 seed=args.seed, seeds=f"seed + i for sample i in [0, {args.num})", labels=args.labels,
+                 seed=args.seed, seeds=f"seed + i for sample i in [0, {args.num_samples})", labels=args.labels,
                  uint8=UINT8, sample_shape=[shape[0], side * args.upsample, side * args.upsample] if not latent
                  else "VAE-decoded", vae=args.vae or data.get("vae_path", "") if latent else None)
-    for start, stop in my_batches(args.num, args.batch_size, rank, world):
+    for start, stop in my_batches(args.num_samples, args.batch_size, rank, world):
         x = sample(model, labels[start:stop], shape, sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale,
                    seeds=[args.seed + i for i in range(start, stop)], schedule=schedule,
                    upsample_factor=args.upsample, device=device)
@@ -271,7 +272,7 @@ def gather_images(kept: list, rank: int) -> np.ndarray | None:
 
 def cmd_ref(args, rank, world, device, det, proto) -> dict:
     source = open_source(args.source)
-    num = source_len(source, args.num)
+    num = source_len(source, args.num_images)
     kept = [] if args.images else None
     stats = FeatureStats(det.dim)
     bar = tqdm(total=num, unit="img", desc="reference", disable=rank != 0 or args.no_progress, mininterval=1)
@@ -308,12 +309,12 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
 
     record = {"command": "eval", "ref": os.path.abspath(args.ref), "ref_sha256": ref_sha, **proto}
     if args.snapshot:
-        args.num = args.num or 50000
+        args.num_samples = args.num_samples or 50000
         batches = generated_batches(args, rank, world, device, record)
-        num = args.num
+        num = args.num_samples
     else:
         source = open_source(args.samples)
-        num = source_len(source, args.num)
+        num = source_len(source, args.num_samples)
         batches = iter_source(source, args.batch_size, rank, world, num)
         record.update(samples=os.path.abspath(args.samples) if ":" not in args.samples[:4] else args.samples,
                       samples_sha256=sha256_file(args.samples) if os.path.isfile(args.samples) else None,
