@@ -79,10 +79,12 @@ def main(argv) -> dict:
                     jpegs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
         batches = len(jpegs) // a.micro_batch
         runs = {"floor": [], "one": [], "two": []}
-        for _ in range(a.reps):
-            runs["floor"].append(floor_loop(jpegs, a.side))
-            runs["one"].append(loader_rate(shards, a.side, 1, batches, a.micro_batch))
-            runs["two"].append(loader_rate(shards, a.side, 2, batches, a.micro_batch))
+        steps = [("floor", lambda: floor_loop(jpegs, a.side)),
+                 ("one", lambda: loader_rate(shards, a.side, 1, batches, a.micro_batch)),
+                 ("two", lambda: loader_rate(shards, a.side, 2, batches, a.micro_batch))]
+        for rep in range(a.reps):
+            for name, fn in steps[rep % 3:] + steps[:rep % 3]:  # rotate the order: no side always runs first
+                runs[name].append(fn())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
