@@ -88,37 +88,44 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # Fast pure-PyTorch path: a two-level linear scan with a hand-written backward
 # ------------------------------------------------------------------------------------------------
 
-def _two_level_scan(a, b, chunk, reverse=False):
-    """h_t = a_t h_{t-1} + b_t over dim 0 of (L, M) tensors (reversed in time if `reverse`), h_{-1} = 0.
+def _two_level_scan_(a, b, P, chunk, adjoint=False):
+    """In place b <- h over dim 0 of contiguous (nc*chunk, M) tensors, every chunk scanned in parallel.
 
-    Level 1 runs every chunk of `chunk` steps in parallel (one Python step per position in a chunk) to get the
-    chunk-end states from a zero start; level 2 is a short sequential pass over the chunk boundaries
-    (carry_c = P_c carry_{c-1} + s_c, P_c = product of the chunk's a); level 3 replays the chunks from their
-    true start states. Only products of a in [0, 1] appear: no exp of positive numbers, no division.
+    forward: h_t = a_t h_{t-1} + b_t (h_{-1} = 0); adjoint (reversed time): h_t = b_t + a_{t+1} h_{t+1}.
+    Level 1 runs all chunks at once (one Python step per position in a chunk) from a zero state; level 2 is a
+    short sequential pass over chunk boundaries (carry = s_c + P_c carry, P_c (nc, M) = the chunk's total decay,
+    given by the caller in closed form); level 3 replays the chunks from their true entry states, in place.
+    Only products of a in [0, 1] appear: no exp of positive numbers, no division.
     """
-    L, M = a.shape
-    nc = -(-L // chunk)
-    if nc * chunk != L:  # pad with the identity step (a=1, b=0): it leaves the state unchanged
-        a = torch.cat([a, a.new_ones(nc * chunk - L, M)])
-        b = torch.cat([b, b.new_zeros(nc * chunk - L, M)])
+    nc, M = a.shape[0] // chunk, a.shape[1]
     a, b = a.view(nc, chunk, M), b.view(nc, chunk, M)
-    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
-    chunks = range(nc - 1, -1, -1) if reverse else range(nc)
-    s = a.new_zeros(nc, M)                                       # level 1: local chunk-end states (nc, M)
+    if adjoint:
+        steps, chunks = range(chunk - 1, -1, -1), range(nc - 1, -1, -1)
+        edge = torch.cat([a[1:, 0], a.new_zeros(1, M)])          # a_{t+1} across each chunk's end, (nc, M)
+        coef = lambda t: edge if t == chunk - 1 else a[:, t + 1]
+    else:
+        steps, chunks = range(chunk), range(nc)
+        coef = lambda t: a[:, t]
+    s = None                                                     # level 1: local chunk states from zero
     for t in steps:
-        s = torch.addcmul(b[:, t], a[:, t], s)
-    P = a.prod(dim=1)                                            # (nc, M) decay across each chunk
-    start = torch.empty_like(s)                                  # level 2: true state entering each chunk
+        s = b[:, t] if s is None else torch.addcmul(b[:, t], coef(t), s)
+    start = torch.empty_like(s)                                  # level 2: state entering each chunk
     carry = a.new_zeros(M)
     for c in chunks:
         start[c] = carry
         carry = torch.addcmul(s[c], P[c], carry)
-    h = torch.empty_like(b)                                      # level 3: replay from the true start states
-    prev = start
+    prev = start                                                 # level 3: replay, h written over b
     for t in steps:
-        torch.addcmul(b[:, t], a[:, t], prev, out=h[:, t])
-        prev = h[:, t]
-    return h.view(nc * chunk, M)[:L]
+        b[:, t].addcmul_(coef(t), prev)
+        prev = b[:, t]
+    return b.view(nc * chunk, M)
+
+
+def _pad_time(x, Lp):
+    """Zero-pad dim 0 (time) to Lp; tensors without a time dim ((N, D) constants) pass through."""
+    if x.dim() < 4 or x.shape[0] == Lp:
+        return x
+    return torch.cat([x, x.new_zeros(Lp - x.shape[0], *x.shape[1:])])
 
 
 def _outer_or_mul(x, y, variable):
@@ -132,47 +139,54 @@ class _SelectiveScanCore(torch.autograd.Function):
 
     Layout is time-major with the channel dim D innermost, (L, B, N, D), so every full-size op is a
     contiguous, vectorised loop over D. dt, xu: (L, B, 1, D); At: (N, D); Bt, Ct: (L, B, N, 1) when
-    variable ("matmul" path) or anything broadcastable to (L, B, N, D).
+    variable (outer products and contractions become batched matmuls) or broadcastable to (L, B, N, D).
+    Time is zero-padded to a multiple of the chunk (dt = 0 gives a = 1, xu = 0 gives b = 0: identity steps).
     """
 
     @staticmethod
     def forward(ctx, dt, xu, At, Bt, Ct, chunk):
+        L = dt.shape[0]
+        Lp = -(-L // chunk) * chunk
+        dt, xu, Bt, Ct = (_pad_time(x, Lp) for x in (dt, xu, Bt, Ct))
         variable = Bt.dim() == 4 and Bt.shape[-1] == 1 and Ct.dim() == 4 and Ct.shape[-1] == 1
-        a = torch.exp(dt * At).contiguous()                                     # (L, B, N, D), in (0, 1]
-        b = _outer_or_mul(Bt, xu, variable).contiguous()                        # (L, B, N, D)
-        L = a.shape[0]
-        h = _two_level_scan(a.view(L, -1), b.view(L, -1), chunk).view(a.shape)
-        y = torch.matmul(Ct.transpose(-1, -2), h) if variable else (h * Ct).sum(2, keepdim=True)  # (L, B, 1, D)
+        a = (dt * At).contiguous().exp_()                                       # (Lp, B, N, D), in (0, 1]
+        b = _outer_or_mul(Bt, xu, variable).contiguous()                        # (Lp, B, N, D)
+        P = torch.exp(dt.view(Lp // chunk, chunk, *dt.shape[1:]).sum(1) * At)   # chunk decay, exp(A sum dt)
+        h = _two_level_scan_(a.view(Lp, -1), b.view(Lp, -1), P.reshape(Lp // chunk, -1), chunk).view(a.shape)
+        y = torch.matmul(Ct.transpose(-1, -2), h) if variable else (h * Ct).sum(2, keepdim=True)  # (Lp, B, 1, D)
         ctx.save_for_backward(dt, xu, At, Bt, Ct, a, h)
-        ctx.chunk, ctx.variable = chunk, variable
-        return y, h[-1]
+        ctx.chunk, ctx.variable, ctx.L = chunk, variable, L
+        return y[:L], h[L - 1]
 
     @staticmethod
     def backward(ctx, gy, glast):
         dt, xu, At, Bt, Ct, a, h = ctx.saved_tensors
-        variable, L = ctx.variable, a.shape[0]
-        gy = gy.contiguous()
-        gh = _outer_or_mul(Ct, gy, variable).contiguous()                       # (L, B, N, D) dLoss/dh_t, direct
+        variable, L, chunk = ctx.variable, ctx.L, ctx.chunk
+        Lp, nc = a.shape[0], a.shape[0] // chunk
+        gy = _pad_time(gy.contiguous(), Lp)
+        g = _outer_or_mul(Ct, gy, variable).contiguous()                        # (Lp, B, N, D) direct dLoss/dh_t
         if glast is not None:
-            gh[-1] += glast
-        a_next = torch.cat([a[1:], a.new_zeros(1, *a.shape[1:])])               # a_{t+1}; nothing after the end
-        g = _two_level_scan(a_next.view(L, -1), gh.view(L, -1), ctx.chunk, reverse=True).view(a.shape)
-        del a_next, gh
+            g[L - 1] += glast
+        # adjoint chunk decay: a_{t+1} for t = 0..chunk-1 of chunk c = exp(A sum_{t=1..chunk-1} dt) * a_{c+1, 0}
+        inner = torch.exp(dt.view(nc, chunk, *dt.shape[1:])[:, 1:].sum(1) * At)                  # (nc, B, N, D)
+        edge = torch.cat([a.view(nc, chunk, *a.shape[1:])[1:, 0], a.new_zeros(1, *a.shape[1:])])
+        g = _two_level_scan_(a.view(Lp, -1), g.view(Lp, -1), (inner * edge).reshape(nc, -1), chunk,
+                             adjoint=True).view(a.shape)                        # g_t = dLoss/dh_t, total
         if variable:
-            dC = torch.matmul(h, gy.transpose(-1, -2))                          # (L, B, N, 1)
+            dC = torch.matmul(h, gy.transpose(-1, -2))                          # (Lp, B, N, 1)
             dB = torch.matmul(g, xu.transpose(-1, -2))
-            dxu = torch.matmul(Bt.transpose(-1, -2), g)                         # (L, B, 1, D)
+            dxu = torch.matmul(Bt.transpose(-1, -2), g)                         # (Lp, B, 1, D)
         else:
             dC = (h * gy).sum_to_size(Ct.shape)
             dB = (g * xu).sum_to_size(Bt.shape)
             dxu = (g * Bt).sum(2, keepdim=True)
-        dlog = torch.empty_like(g)                                              # dLoss/d(dt A) = g_t h_{t-1} a_t
-        dlog[0] = 0
-        torch.mul(g[1:], h[:-1], out=dlog[1:])
-        dlog *= a
-        ddt = (dlog * At).sum(2, keepdim=True)                                  # (L, B, 1, D)
-        dAt = (dlog * dt).sum((0, 1))                                           # (N, D)
-        return ddt, dxu, dAt, dB, dC, None
+        g[1:] *= h[:-1]                                                         # dLoss/d(dt A) = g_t h_{t-1} a_t
+        g[0] = 0
+        g *= a
+        ddt = (g * At).sum(2, keepdim=True)                                     # (Lp, B, 1, D)
+        dAt = (g * dt).sum((0, 1))                                              # (N, D)
+        cut = lambda x: x[:L] if x.dim() == 4 and x.shape[0] == Lp else x
+        return cut(ddt), cut(dxu), dAt, cut(dB), cut(dC), None
 
 
 def default_chunk(L):

@@ -41,6 +41,8 @@ def main(argv):
     torch.manual_seed(0)
     models = {m: DiM(in_channels=4, input_size=32, num_classes=1000, width=a.width, depth=a.depth, patch=2,
                      mixer=m).train() for m in ("mamba", "attention")}
+    for model in models.values():                                  # warm-up: one-time library costs
+        step_time(model, 8)
     rows = {}
     for grid in a.grids:
         times = {m: [] for m in models}

@@ -44,6 +44,7 @@ def main(argv):
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    fwd_bwd(selective_scan_chunked, 64), fwd_bwd(selective_scan_ref, 64)  # warm-up: one-time library costs
     res = {}
     for L in a.lengths:
         ref_reps = a.ref_reps_long if L == max(a.lengths) else a.reps
