@@ -60,11 +60,11 @@ def distributed_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun/deepspeed, else SLURM, else a single local process."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:  # srun: one task per GPU, MASTER_* set by the launcher
-        env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env.get("SLURM_LOCALID", "0")
-        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ConfigError("running under SLURM but MASTER_ADDR/MASTER_PORT are not set; launch through "
                               "launchers/slurm.py or export them (first node of $SLURM_JOB_NODELIST, a free port)")
+        env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env.get("SLURM_LOCALID", "0")
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
     if "RANK" not in env:  # plain python: a world of one (DeepSpeed would otherwise try MPI discovery)
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -264,6 +264,9 @@ def write_samples(cfg: RunConfig, ema_state: dict, images_seen: int, device: tor
     if cfg.data.latent != "none":
         from dimscale.diffusion.vae import decode, load_vae
         x = decode(load_vae(cfg.data.vae_path, device), x, cfg.data.vae_scale)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:  # tools/ sits next to the package in the checkout
+        sys.path.append(repo)
     from tools.sample import make_grid, to_uint8  # the one grid writer, shared with tools/sample.py
     path = os.path.join(cfg.run_dir, "samples", f"img{images_seen:012d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -60,6 +60,24 @@ def test_bad_config_on_the_command_line():
     assert proc.stderr.strip() == "config error: train.zero_stage = 5; DeepSpeed ZeRO stages are 0, 1, 2 or 3"
 
 
+def test_slurm_and_plain_environments_map_to_rank_and_world(monkeypatch):
+    from dimscale.config import ConfigError
+    from dimscale.train import distributed_env
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(ConfigError, match="MASTER_ADDR/MASTER_PORT are not set"):
+        distributed_env()
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed_env() == (3, 1, 4)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed_env() == (0, 0, 1) and int(os.environ["MASTER_PORT"]) > 0  # plain python: a world of one
+
+
 # ------------------------------------------------------------------------------------------------
 # Finetune from a snapshot made at another resolution (weak-to-strong, dim-reference.md §3.4)
 # ------------------------------------------------------------------------------------------------
@@ -75,10 +93,15 @@ def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process,
     assert meta["data"]["resolution"] == 8 and meta["images_seen"] == 48
 
     # lr = 0 keeps the online weights where the snapshot put them; bf16 autocast must not round them either
+    # also exercised here: the sample grid (fixed seeds/classes) and wandb offline, which needs no network
     ft = overrides(shards, tmp_path, "ft", total_images=16, lr=0.0, warmup_images=0, precision="bf16", zero_stage=1,
-                   snapshot_every_images=16, micro_batch=8)
+                   snapshot_every_images=16, micro_batch=8, sample_every_images=16, sample_count=4, wandb="offline")
     assert one_process(["--config", str(CONFIG), *ft, "--set", f"init.snapshot={snap}", "--set", "data.resolution=16",
-                        "--set", "model.input_size=16"]) == 0
+                        "--set", "model.input_size=16", "--set", "diffusion.sample_steps=2"]) == 0
+    from PIL import Image
+    with Image.open(tmp_path / "ft" / "samples" / "img000000000016.png") as grid:
+        assert grid.size == (2 + 2 * 18, 2 + 2 * 18)  # 2x2 grid of 16x16 images with 2-pixel gaps
+    assert list((tmp_path / "ft" / "wandb").glob("offline-run-*"))
     expected = adapt_state_dict(load_file(snap / "ema.safetensors"),
                                 build_model(ModelConfig(**{**meta["model"], "input_size": 16})))
     got = load_file(tmp_path / "ft" / "snapshots" / "latest" / "ema.safetensors")

@@ -1,7 +1,7 @@
 """Real 2-rank CPU runs of dimscale/train.py (gloo): ZeRO stages, kill -9 + resume, kills mid-checkpoint, signals.
 
 Ranks are real processes: torchrun subprocesses (killed with SIGKILL as a scheduler would) or spawned workers
-that call train.main() in-process (as the SLURM launcher does). Tiny DiM-T/2 on 16x16 Fashion-MNIST shards.
+that call train.main() in-process (as the SLURM launcher does). Tiny DiM-T/2 on 8x8 grey Fashion-MNIST.
 """
 import json
 import multiprocessing
@@ -42,9 +42,9 @@ def fmnist_shards() -> str:
 
 def overrides(shards, out_dir, name, **train) -> list:
     """--set arguments for a tiny fp32 run logging every step (16 images per step, 2 micro-batches per rank)."""
-    sets = {"data.shards": shards, "out_dir": str(out_dir), "name": name, "train.total_images": 256,
+    sets = {"data.shards": shards, "out_dir": str(out_dir), "name": name, "train.total_images": 128,
             "train.global_batch": 16, "train.micro_batch": 4, "train.log_every_steps": 1,
-            "train.precision": "fp32", "train.ckpt_every_images": 64, "train.snapshot_every_images": 0,
+            "train.precision": "fp32", "train.ckpt_every_images": 32, "train.snapshot_every_images": 0,
             "data.num_workers": 0, **{f"train.{k}": v for k, v in train.items()}}
     args = []
     for k, v in sets.items():
@@ -113,6 +113,14 @@ def _worker(rank, port, argvs, results, preempt_file):
         Path(preempt_file).write_text(json.dumps(info))
 
     results.put((rank, [train.main(argv, on_preempt=on_preempt) for argv in argvs]))
+    exit_now(results)
+
+
+def exit_now(results):
+    """Flush the result queue, then skip interpreter teardown (gloo/DeepSpeed threads can stall it for a minute)."""
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def spawn_two(argvs, preempt_file="", timeout=400, while_running=None):
@@ -143,22 +151,23 @@ def spawn_two(argvs, preempt_file="", timeout=400, while_running=None):
 
 def test_each_zero_stage_trains_and_fp32_stages_agree(tmp_path):
     shards = fmnist_shards()
-    argvs = [["--config", str(CONFIG), *overrides(shards, tmp_path, f"zero{s}", zero_stage=s, lr=2e-3,
-                                                 warmup_images=32, ckpt_every_images=0, total_images=320)]
+    argvs = [["--config", str(CONFIG), *overrides(shards, tmp_path, f"zero{s}", zero_stage=s, lr=3e-3,
+                                                 warmup_images=32, ckpt_every_images=0, total_images=192,
+                                                 snapshot_every_images=192)]
              for s in range(4)]
     rcs = spawn_two(argvs)
     assert rcs == {0: [0] * 4, 1: [0] * 4}
     curves = [[loss for _, loss in losses(tmp_path / f"zero{s}")] for s in range(4)]
     for s, curve in enumerate(curves):
-        assert len(curve) == 20
-        first, last = sum(curve[:4]) / 4, sum(curve[-4:]) / 4
-        assert last < 0.75 * first, f"ZeRO-{s} did not learn: {curve}"
+        assert len(curve) == 12
+        first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+        assert last < 0.8 * first, f"ZeRO-{s} did not learn: {curve}"
         # same seed, same data: fp32 stages 0-2 reduce identically, stage 3 within float rounding
         for i in range(3):
             assert curve[i] == pytest.approx(curves[0][i], rel=1e-5, abs=1e-6), f"ZeRO-{s} step {i}: {curve[:3]}"
     for s in range(4):
         snap = tmp_path / f"zero{s}" / "snapshots" / "latest" / "snapshot.json"
-        assert json.loads(snap.read_text())["images_seen"] == 320
+        assert json.loads(snap.read_text())["images_seen"] == 192
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,14 +181,14 @@ def reference(tmp_path_factory):
     log = out / "log.txt"
     finish(torchrun(overrides(fmnist_shards(), out, "ref"), log), log)
     curve = losses(out / "ref")
-    assert [s for s, _ in curve] == list(range(1, 17))
+    assert [s for s, _ in curve] == list(range(1, 9))
     return dict(curve)
 
 
 def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path, reference):
     shards, log = fmnist_shards(), tmp_path / "log.txt"
     args = overrides(shards, tmp_path, "run")
-    kill_at = random.Random(os.getpid()).randint(5, 14)  # after the first checkpoint (step 4), before the end
+    kill_at = random.Random(os.getpid()).randint(3, 7)  # after the first checkpoint (step 2), before the end
     proc = torchrun(args, log)
     metrics = tmp_path / "run" / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at, proc, log)
@@ -188,8 +197,8 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path, referen
     finish(torchrun(args, log), log)
     curve = losses(tmp_path / "run")
     assert "resumed from" in log.read_text()
-    assert len(curve) >= 16  # steps between the checkpoint and the kill appear twice
-    assert {s for s, _ in curve} == set(range(1, 17))
+    assert len(curve) >= 8  # steps between the checkpoint and the kill appear twice
+    assert {s for s, _ in curve} == set(range(1, 9))
     for step, loss in curve:
         assert loss == reference[step], f"step {step}: {loss!r} != uninterrupted {reference[step]!r} (killed at {kill_at})"
 
@@ -198,19 +207,19 @@ def test_kill_during_checkpoint_write_keeps_a_loadable_latest(tmp_path, referenc
     shards, log = fmnist_shards(), tmp_path / "log.txt"
     args = overrides(shards, tmp_path, "run")
     ckpts = tmp_path / "run" / "checkpoints"
-    writing = ckpts / "tmp-img000000000128"
+    writing = ckpts / "tmp-img000000000064"
     # both ranks have written their share of the 2nd checkpoint and sleep before it is published
-    proc = torchrun(args, log, DIMSCALE_TEST_PAUSE_IN_CKPT_WRITE="128:120")
+    proc = torchrun(args, log, DIMSCALE_TEST_PAUSE_IN_CKPT_WRITE="64:120")
     wait_until(lambda: (writing / "rank00000.pt").exists() and (writing / "rank00001.pt").exists(), proc, log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert os.readlink(ckpts / "latest") == "img000000000064"
-    assert json.loads((ckpts / "latest" / "trainer.json").read_text())["images_seen"] == 64
-    finish(torchrun(args, log), log)  # resumes from the 64-image checkpoint and finishes
+    assert os.readlink(ckpts / "latest") == "img000000000032"
+    assert json.loads((ckpts / "latest" / "trainer.json").read_text())["images_seen"] == 32
+    finish(torchrun(args, log), log)  # resumes from the 32-image checkpoint and finishes
     assert not writing.exists()
     for step, loss in losses(tmp_path / "run"):
         assert loss == reference[step], f"step {step} after the interrupted checkpoint differs"
-    assert sorted(p.name for p in ckpts.glob("img*")) == ["img000000000192", "img000000000256"]  # keep last 2
+    assert sorted(p.name for p in ckpts.glob("img*")) == ["img000000000096", "img000000000128"]  # keep last 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def test_sigusr1_on_one_rank_saves_everywhere_and_exits_3(tmp_path):
 
     def signal_rank1(procs):
         end = time.time() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             assert time.time() < end and all(p.is_alive() for p in procs)
             time.sleep(0.05)
         os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1: rank 0 learns of it through the all-reduce
