@@ -14,7 +14,11 @@ trainer (dimscale/train.py) catches USR1/USR2/TERM, all ranks agree at the next 
 every rank, rank 0 requeues the job (`scontrol requeue`); the requeued job runs the same task, which resumes
 from `latest` because the trainer always does. An external `scontrol requeue`/preemption kill sends SIGTERM
 and no USR2: the job is already being requeued, so rank 0 only exits, and the rerun resumes from the last
-checkpoint. Nothing here ever points at a numbered checkpoint (MAE's requeue bug, field-notes B.24).
+checkpoint the trainer managed to write (the SIGTERM save if it fits in KillWait, else the last periodic one).
+A USR2 that arrives before the trainer has installed its handlers reaches submitit's, which calls
+StageTask.checkpoint() and requeues at once: nothing new to save yet. Nothing here ever points at a numbered
+checkpoint (MAE's requeue bug, field-notes B.24). `--local` runs the same tasks through submitit's local
+executor, one stage after the other.
 """
 from __future__ import annotations
 

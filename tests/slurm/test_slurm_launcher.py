@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -183,17 +184,45 @@ def cfg_train(path: str) -> dict:
 RATE = {}  # images/s of a 2-rank tiny run, measured by the chain test; sizes the time-limit run
 
 
+def run_seconds(job: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    parts = [int(x) for x in re.search(r"RunTime=(?:\d+-)?([\d:]+)", out).group(1).split(":")]
+    return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+
+
+def drive_time_limit(job: str, run_dir: str, first_images: int, report: dict) -> None:
+    """Once the job trained past its first checkpoint, cut its time limit so SLURM's --signal fires within
+    ~30 s (remaining <= signal delay + 30 s) and the limit would then kill it; after the requeue, restore
+    10 minutes so the rerun finishes. Runs in a thread while the other tests go on."""
+    try:
+        wait_images(run_dir, first_images, timeout=300)
+        limit_min = run_seconds(job) // 60 + 2  # 60-120 s left: signal at the next check, kill >= 60 s later
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"], check=True)
+        report["limit_min"] = limit_min
+        deadline = time.time() + 150
+        while "requeued job" not in job_log(run_dir, job) and time.time() < deadline:
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+    except Exception as e:  # re-raised by the test
+        report["error"] = e
+
+
 @pytest.fixture(scope="module")
 def time_limit_run(trainer):
-    """A 1-minute job limit on a run that needs ~100 s of training: started early, checked by the last test."""
-    out_dir, batch = trainer["root"] / "timelimit", cfg_train(PRE)["global_batch"]
-    rate = RATE.get("images_per_s") or (batch / float(trainer["env"].get("FAKE_STEP_S", 0.1)))
-    total = batch * max(int(rate * 100 / batch), 32)
-    out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "1", "--tasks-per-node", "2", "--time", "1",
-                 "--signal-delay-s", "5", "--sbatch", "nodelist=node2", "--set", f"out_dir={out_dir}",
+    """A run that hits a (shortened) time limit: started early, checked by the last test."""
+    out_dir, t = trainer["root"] / "timelimit", cfg_train(PRE)
+    rate = RATE.get("images_per_s") or (t["global_batch"] / float(trainer["env"].get("FAKE_STEP_S", 0.1)))
+    first = t["ckpt_every_images"] + 2 * t["global_batch"]
+    # still training when the signal comes (<= 30 s after the limit is cut; other tests' load only slows it)
+    total = t["global_batch"] * int((first + rate * 40) / t["global_batch"])
+    out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "1", "--tasks-per-node", "2", "--time", "10",
+                 "--signal-delay-s", "90", "--sbatch", "nodelist=node2", "--set", f"out_dir={out_dir}",
                  "--set", "name=timelimit", "--set", f"train.total_images={total}")
     (job,) = job_ids(out.stdout).values()
-    return {"job": job, "run_dir": str(out_dir / "timelimit"), "total": total}
+    run_dir, report = str(out_dir / "timelimit"), {}
+    driver = threading.Thread(target=drive_time_limit, args=(job, run_dir, first, report), daemon=True)
+    driver.start()
+    return {"job": job, "run_dir": run_dir, "total": total, "driver": driver, "report": report}
 
 
 def test_bad_requests_fail_at_submission(trainer):
@@ -208,10 +237,13 @@ def test_bad_requests_fail_at_submission(trainer):
 
 def test_chain_dry_run_matches_then_completes_from_snapshot(trainer):
     out_dir = trainer["root"] / "chain"
-    args = [FT, "--nodes", "2", "--time", "10", "--cpus-per-task", "1", "--job-name", "t-chain",
-            "--set", f"out_dir={out_dir}"]
+    args = [FT, "--nodes", "2", "--time", "10", "--cpus-per-task", "1", "--mem-gb-per-task", "2", "--partition",
+            "debug", "--sbatch", "comment=dimscale-test", "--job-name", "t-chain", "--set", f"out_dir={out_dir}"]
     dry = launch(trainer, *args, "--dry-run").stdout
     assert "submitted job" not in dry and not os.path.exists(out_dir)
+    for flag in ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--mem=2GB", "--partition=debug",
+                 "--comment=dimscale-test", "--time=10", "--requeue", "--dependency=afterok:JOBID_OF_slurm_pre"):
+        assert f"#SBATCH {flag}\n" in dry, flag
     blocks = {name: (argv, script) for name, argv, script in
               re.findall(r"== \[(\S+)\] run folder .*?\ntrainer argv: (.*?)\n(#!/bin/bash.*?)(?=\n== |\Z)", dry, re.S)}
 
@@ -289,7 +321,9 @@ def test_local_executor_runs_the_chain(trainer):
 
 def test_time_limit_requeues_and_completes(trainer, time_limit_run):
     job, run_dir, t = time_limit_run["job"], time_limit_run["run_dir"], cfg_train(PRE)
-    wait_done([job], timeout=400, run_dir=run_dir)
+    time_limit_run["driver"].join(timeout=400)
+    assert "error" not in time_limit_run["report"], time_limit_run["report"]
+    wait_done([job], timeout=300, run_dir=run_dir)
     log = job_log(run_dir, job)
-    assert "requeued job" in log, log
+    assert "requeued job" in log and "state was RUNNING" in log, log  # saved on USR2, before the limit
     assert_resumed(run_dir, log, time_limit_run["total"], t["global_batch"], t["ckpt_every_images"])
