@@ -108,7 +108,7 @@ def _two_level_scan_(a, b, P, chunk, adjoint=False):
         coef = lambda t: a[:, t]
     s = None                                                     # level 1: local chunk states from zero
     for t in steps:
-        s = b[:, t] if s is None else torch.addcmul(b[:, t], coef(t), s)
+        s = b[:, t].clone() if s is None else torch.addcmul(b[:, t], coef(t), s, out=s)
     start = torch.empty_like(s)                                  # level 2: state entering each chunk
     carry = a.new_zeros(M)
     for c in chunks:
@@ -128,9 +128,16 @@ def _pad_time(x, Lp):
     return torch.cat([x, x.new_zeros(Lp - x.shape[0], *x.shape[1:])])
 
 
-def _outer_or_mul(x, y, variable):
-    """x * y broadcast to (L, B, N, D); a batched outer product (BLAS) when B/C vary with time."""
-    return torch.matmul(x, y) if variable else x * y
+def _contract(v, x, over, like=None):
+    """Sum of v * x over N ('n': v (L, B, N, 1) -> (L, B, 1, D)) or over D ('d': v (L, B, 1, D) -> `like`'s
+    shape, (L, B, N, 1) when variable); a read-only batched matmul when v is per time step, else mul + sum."""
+    if over == "n":
+        if v.dim() == 4 and v.shape[-1] == 1:
+            return torch.matmul(v.transpose(-1, -2), x)
+        return (x * v).sum(2, keepdim=True)
+    if like is not None and len(like) == 4 and like[-1] == 1:
+        return torch.matmul(x, v.transpose(-1, -2))
+    return (x * v).sum_to_size(like)
 
 
 class _SelectiveScanCore(torch.autograd.Function):
@@ -138,8 +145,9 @@ class _SelectiveScanCore(torch.autograd.Function):
     g_t = dh_t + a_{t+1} g_{t+1}) so autograd never sees the (L, B, N, D) broadcasts.
 
     Layout is time-major with the channel dim D innermost, (L, B, N, D), so every full-size op is a
-    contiguous, vectorised loop over D. dt, xu: (L, B, 1, D); At: (N, D); Bt, Ct: (L, B, N, 1) when
-    variable (outer products and contractions become batched matmuls) or broadcastable to (L, B, N, D).
+    contiguous, vectorised loop over D. On CPU these ops are bound by writing full-size tensors, so the
+    contractions over N or D (y, dB, dC, dxu) are batched matmuls that only read them. dt, xu: (L, B, 1, D);
+    At: (N, D); Bt, Ct broadcastable to (L, B, N, D): (L, B, N, 1) variable, (L, B, N, D) grouped, (N, D) constant.
     Time is zero-padded to a multiple of the chunk (dt = 0 gives a = 1, xu = 0 gives b = 0: identity steps).
     """
 
@@ -148,23 +156,22 @@ class _SelectiveScanCore(torch.autograd.Function):
         L = dt.shape[0]
         Lp = -(-L // chunk) * chunk
         dt, xu, Bt, Ct = (_pad_time(x, Lp) for x in (dt, xu, Bt, Ct))
-        variable = Bt.dim() == 4 and Bt.shape[-1] == 1 and Ct.dim() == 4 and Ct.shape[-1] == 1
         a = (dt * At).contiguous().exp_()                                       # (Lp, B, N, D), in (0, 1]
-        b = _outer_or_mul(Bt, xu, variable).contiguous()                        # (Lp, B, N, D)
+        b = (Bt * xu).contiguous()                                              # (Lp, B, N, D)
         P = torch.exp(dt.view(Lp // chunk, chunk, *dt.shape[1:]).sum(1) * At)   # chunk decay, exp(A sum dt)
         h = _two_level_scan_(a.view(Lp, -1), b.view(Lp, -1), P.reshape(Lp // chunk, -1), chunk).view(a.shape)
-        y = torch.matmul(Ct.transpose(-1, -2), h) if variable else (h * Ct).sum(2, keepdim=True)  # (Lp, B, 1, D)
+        y = _contract(Ct, h, "n")                                               # (Lp, B, 1, D)
         ctx.save_for_backward(dt, xu, At, Bt, Ct, a, h)
-        ctx.chunk, ctx.variable, ctx.L = chunk, variable, L
+        ctx.chunk, ctx.L = chunk, L
         return y[:L], h[L - 1]
 
     @staticmethod
     def backward(ctx, gy, glast):
         dt, xu, At, Bt, Ct, a, h = ctx.saved_tensors
-        variable, L, chunk = ctx.variable, ctx.L, ctx.chunk
+        L, chunk = ctx.L, ctx.chunk
         Lp, nc = a.shape[0], a.shape[0] // chunk
         gy = _pad_time(gy.contiguous(), Lp)
-        g = _outer_or_mul(Ct, gy, variable).contiguous()                        # (Lp, B, N, D) direct dLoss/dh_t
+        g = (Ct * gy).contiguous()                                              # (Lp, B, N, D) direct dLoss/dh_t
         if glast is not None:
             g[L - 1] += glast
         # adjoint chunk decay: a_{t+1} for t = 0..chunk-1 of chunk c = exp(A sum_{t=1..chunk-1} dt) * a_{c+1, 0}
@@ -172,18 +179,12 @@ class _SelectiveScanCore(torch.autograd.Function):
         edge = torch.cat([a.view(nc, chunk, *a.shape[1:])[1:, 0], a.new_zeros(1, *a.shape[1:])])
         g = _two_level_scan_(a.view(Lp, -1), g.view(Lp, -1), (inner * edge).reshape(nc, -1), chunk,
                              adjoint=True).view(a.shape)                        # g_t = dLoss/dh_t, total
-        if variable:
-            dC = torch.matmul(h, gy.transpose(-1, -2))                          # (Lp, B, N, 1)
-            dB = torch.matmul(g, xu.transpose(-1, -2))
-            dxu = torch.matmul(Bt.transpose(-1, -2), g)                         # (Lp, B, 1, D)
-        else:
-            dC = (h * gy).sum_to_size(Ct.shape)
-            dB = (g * xu).sum_to_size(Bt.shape)
-            dxu = (g * Bt).sum(2, keepdim=True)
+        dC, dB = _contract(gy, h, "d", Ct.shape), _contract(xu, g, "d", Bt.shape)  # (Lp, B, N, 1) if variable
+        dxu = _contract(Bt, g, "n")                                             # (Lp, B, 1, D)
         g[1:] *= h[:-1]                                                         # dLoss/d(dt A) = g_t h_{t-1} a_t
         g[0] = 0
         g *= a
-        ddt = (g * At).sum(2, keepdim=True)                                     # (Lp, B, 1, D)
+        ddt = sum(g[:, :, n:n + 1] * At[n] for n in range(At.shape[0]))         # (Lp, B, 1, D), sum over N
         dAt = (g * dt).sum((0, 1))                                              # (N, D)
         cut = lambda x: x[:L] if x.dim() == 4 and x.shape[0] == Lp else x
         return cut(ddt), cut(dxu), dAt, cut(dB), cut(dC), None
