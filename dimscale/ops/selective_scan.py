@@ -30,8 +30,8 @@ def _check(u, delta, A, B, C):
             raise ValueError(f"selective scan: {name} must be (D, N), (B, N, L) or (B, G, N, L); got {tuple(M.shape)}")
 
 
-def _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus):
-    """fp32 copies of the inputs with delta bias/softplus applied; B, C broadcast helpers are left to callers."""
+def _discretize(u, delta, delta_bias, delta_softplus):
+    """fp32 u and delta, delta with its bias and softplus applied."""
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias[..., None].float()
@@ -61,9 +61,15 @@ def _finish(y, u, D, z, dtype_in):
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """Naive sequential scan, one time step per Python iteration: the ground truth for tests."""
+    with torch.autocast(device_type=u.device.type, enabled=False):  # fp32 state and math, as the kernels
+        return _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Body of `selective_scan_ref`, run with autocast off."""
     _check(u, delta, A, B, C)
     dtype_in = u.dtype
-    u, delta = _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus)
+    u, delta = _discretize(u, delta, delta_bias, delta_softplus)
     A = A.float()
     Bv, Cv = _expand_BC(B, A.shape[0]), _expand_BC(C, A.shape[0])
     dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))                              # (B, D, L, N)
@@ -207,7 +213,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     _check(u, delta, A, B, C)
     dtype_in = u.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):  # the SSM runs in fp32 (Mamba README)
-        u, delta = _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus)
+        u, delta = _discretize(u, delta, delta_bias, delta_softplus)
         L = u.shape[2]
         dt = delta.permute(2, 0, 1).contiguous().unsqueeze(2)                           # (L, B, 1, D)
         xu = (delta * u).permute(2, 0, 1).contiguous().unsqueeze(2)                      # (L, B, 1, D)
