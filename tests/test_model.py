@@ -237,3 +237,13 @@ def test_adapt_state_dict_resizes_pos_embed_for_finetune():
     assert torch.allclose(big.pos_embed[:, :2], torch.full((1, 2, 64), 5.0))
     assert torch.allclose(big.pos_embed[:, 2:], torch.full((1, 256, 64), 1.5))
     assert small.state_dict()["pos_embed"].shape == (1, 2 + 64, 64)                 # input untouched
+
+
+def test_bf16_weights_as_under_deepspeed_bf16():
+    """DeepSpeed's bf16 mode casts every parameter to bf16: forward and backward still run, output is bf16."""
+    model = tiny().to(torch.bfloat16)
+    x, t, y = inputs()
+    out = model(x.to(torch.bfloat16), t, y)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert model.blocks[0].mixer.A_log.grad is not None
