@@ -1,4 +1,4 @@
-"""The whole pipeline on real data in one command: Fashion-MNIST -> shards -> 16x16 pretrain -> 32x32 finetune -> grids -> metric.
+"""The whole pipeline on real data in one command: Fashion-MNIST, shards, 16² pretrain, 32² finetune, grids, metric.
 
     python tools/demo.py                              # `make demo`: <= 15 min on 2 CPU cores, no GPU
     python tools/demo.py --small                      # the same pipeline at toy size (tests/test_demo.py)
@@ -7,11 +7,11 @@
 Every stage is the project's own command line, run as a subprocess and printed, so the demo doubles as a
 walkthrough (dim-reference.md §3.4 weak-to-strong, §5 training-free upsampling):
  1. tools/make_shards.py          Fashion-MNIST IDX files (Debian dataset-fashion-mnist) -> 32x32 grey PNG shards
- 2. dimscale.metrics.classifier   a small Fashion-MNIST classifier: the offline stand-in detector (no Inception offline),
+ 2. dimscale.metrics.classifier   a small Fashion-MNIST classifier, the offline stand-in detector (no Inception offline)
     tools/fid.py ref              and the reference statistics of the real shards in its feature space
- 3. dimscale/train.py (pretrain)  2 ranks (torchrun, DeepSpeed ZeRO-2, gloo, wandb offline), loader downsamples to 16x16
+ 3. dimscale/train.py (pretrain)  2 ranks (torchrun, DeepSpeed ZeRO-2, gloo, wandb offline), the loader downsamples
  4. dimscale/train.py (finetune)  2 ranks at 32x32, initialised from the pretrain's EMA snapshot (pos-emb interpolated)
- 5. tools/sample.py               class-conditional grid at 32x32, and a 64x64 grid with Upsample Guidance (--upsample 2)
+ 5. tools/sample.py               a class-conditional 32x32 grid, and a 64x64 one with Upsample Guidance (--upsample 2)
  6. tools/fid.py eval (2 ranks)   Fréchet distance in the classifier's features + its accuracy on the model's own
                                   class-conditional samples (NOT FID; ~10% for noise, the demo's target is >= 60%)
 Hyper-parameters live in configs/demo_pretrain_16.json and configs/demo_finetune_32.json; --small overrides them.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -60,7 +61,7 @@ def run(name: str, cmd: list, env: dict, log_dir: str, timings: dict, first: str
         with open(log_path) as f:
             return f.read()
     print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.time()
+    t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -70,10 +71,16 @@ def run(name: str, cmd: list, env: dict, log_dir: str, timings: dict, first: str
             if not line.startswith(("\r",)) and "it/s]" not in line and "s/it]" not in line:
                 print(f"  {line}", end="", flush=True)
         rc = proc.wait()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     timings[name] = round(time.time() - t0, 1)
+    # CPU seconds of the stage's processes: on a shared machine, cpu_s / 2 estimates the stage's time on 2 idle cores
+    cpu_seconds[name] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 1)
     if rc != 0:
         sys.exit(f"demo: stage '{name}' failed with exit code {rc}; full output in {log_path}")
     return "".join(lines)
+
+
+cpu_seconds: dict = {}
 
 
 def last_json(text: str) -> dict:
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     total = round(time.time() - t_start, 1)
     met = accuracy is not None and accuracy >= TARGET_ACCURACY
-    summary = {"total_s": total, "stages_s": timings, "accuracy": accuracy, "target_accuracy": TARGET_ACCURACY,
+    summary = {"total_s": total, "stages_s": timings, "stages_cpu_s": cpu_seconds,
+               "accuracy": accuracy, "target_accuracy": TARGET_ACCURACY,
                "target_met": met, "fcd_not_fid": metric.get("fcd_not_fid"),
                "small": args.small, "metric": metric,
                "artifacts": {"shards": os.path.join(shards, "manifest.json"),
@@ -185,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n=== demo done in %.0f s (%s)" % (total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
+    print("    CPU seconds per stage: %s (total %.0f)" % (", ".join(f"{k} {v:.0f}" for k, v in cpu_seconds.items()),
+                                                        sum(cpu_seconds.values())))
     for k, v in summary["artifacts"].items():
         print(f"  {k:18s} {v}")
     print(f"  {'summary':18s} {os.path.join(out, 'demo_summary.json')}")
