@@ -44,7 +44,7 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fid")
     x, y = read_idx(split="train")
     torch.set_num_threads(2)
-    train_classifier(x[:3000], y[:3000], out=str(tmp / "clf.safetensors"), epochs=2, log=lambda *_: None)
+    train_classifier(x[:2000], y[:2000], out=str(tmp / "clf.safetensors"), epochs=2, log=lambda *_: None)
     xt, yt = read_idx(split="test")
     np.savez(tmp / "samples.npz", arr_0=xt[:320, :, :, None], arr_1=yt[:320])
     np.savez(tmp / "ref.npz", arr_0=x[5000:5100, :, :, None])
@@ -73,7 +73,7 @@ def test_classifier_trains_saves_and_scores(data):
     assert acc == pytest.approx((preds == yt[:400]).mean())
     rgb = imgs.repeat(1, 3, 1, 1)                                  # 3-channel input: grey = channel mean
     assert accuracy(model, rgb, yt[:400]) == acc
-    assert len(model.weights_sha256) == 64 and model.meta["train_images"] == 3000
+    assert len(model.weights_sha256) == 64 and model.meta["train_images"] == 2000
 
 
 def test_one_and_two_ranks_give_the_same_statistics_and_metrics(data):

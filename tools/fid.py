@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dimscale.metrics.inception import RESIZE_MODES, load_inception, sha256_file  # noqa: E402
 from dimscale.metrics.sources import iter_source, my_batches, open_source  # noqa: E402
-from dimscale.metrics.stats import FeatureStats, all_gather_rows, frechet_distance, precision_recall  # noqa: E402
+from dimscale.metrics.stats import FeatureStats, all_gather_rows, comm_device, frechet_distance, precision_recall  # noqa: E402
 
 UINT8 = "clamp(127.5*x + 128, 0, 255) truncated (DiT sample_ddp.py; = round((x+1)*127.5))"
 CFG_CONVENTION = "U-ViT: eps = eps_c + s*(eps_c - eps_u); DiT/ADM guidance w = 1 + s"
@@ -143,8 +143,9 @@ def accumulate(det, batches, stats: FeatureStats, device, progress, world: int, 
         feats, logits = features(det, images, device)
         stats.update(feats, indices, logits)
         if label_hits is not None and labels is not None:        # classifier accuracy on intended labels
-            label_hits += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)],
-                                       dtype=torch.float64)
+            known = labels >= 0                                      # shards without 'cls' give -1
+            label_hits += torch.tensor([(logits.argmax(1).cpu()[known] == labels[known]).sum().item(),
+                                        known.sum().item()], dtype=torch.float64)
         if keep_images is not None and (keep_below is None or indices.min() < keep_below):
             sel = indices < (keep_below if keep_below is not None else indices.max() + 1)
             keep_images.append((indices[sel], torch.stack(images)[sel]))
@@ -155,10 +156,11 @@ def accumulate(det, batches, stats: FeatureStats, device, progress, world: int, 
 
 
 def sum_all(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a small CPU tensor over ranks."""
     if dist.is_initialized():
-        t = t.clone()
+        t = t.to(comm_device())
         dist.all_reduce(t)
-    return t
+    return t.cpu()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def gather_images(kept: list, rank: int) -> np.ndarray | None:
     idx = torch.cat([i for i, _ in kept]) if kept else torch.zeros(0, dtype=torch.long)
     imgs = torch.cat([x for _, x in kept]) if kept else None
     if dist.is_initialized():       # a rank with no images still needs the (C, H, W) to pad its share
-        shape = torch.tensor(imgs.shape[1:] if imgs is not None else (0, 0, 0))
+        shape = torch.tensor(imgs.shape[1:] if imgs is not None else (0, 0, 0), device=comm_device())
         dist.all_reduce(shape, op=dist.ReduceOp.MAX)
         imgs = imgs if imgs is not None else torch.zeros((0, *shape.tolist()), dtype=torch.uint8)
         idx, imgs = all_gather_rows(idx, imgs)

@@ -17,6 +17,11 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def comm_device() -> torch.device:
+    """Where collectives need their tensors: this rank's GPU under nccl, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 class FeatureStats:
     """Running float64 sums over one detector's outputs: Σx, Σxxᵀ, IS split sums, optionally the features."""
 
@@ -35,9 +40,11 @@ class FeatureStats:
 
     def update(self, features: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor | None = None):
         """Add a batch: features (B, D), the global sample indices (B,), optional class logits (B, K)."""
-        x = features.detach().to("cpu", torch.float64)
+        x = features.detach().to(torch.float64)      # sums live where the detector runs (GPU: fp64 is cheap)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (B, {self.dim}), got {tuple(x.shape)}")
+        if self.sum.device != x.device:
+            self.sum, self.outer = self.sum.to(x.device), self.outer.to(x.device)
         self.n += x.shape[0]
         self.sum += x.sum(0)
         self.outer += x.T @ x
@@ -64,7 +71,7 @@ class FeatureStats:
         """Sum the statistics of all ranks (in place); every rank ends with the totals. A no-op on one process."""
         if not _dist_on():
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = comm_device()
         num_splits = torch.tensor(len(self.split_n), device=device)
         dist.all_reduce(num_splits, op=dist.ReduceOp.MAX)              # ranks may have seen fewer splits
         self._grow_splits(int(num_splits))
@@ -79,8 +86,8 @@ class FeatureStats:
         n = self.n.item()
         if n < 2:
             raise ValueError(f"need at least 2 images for a covariance, got {int(n)}")
-        mu = self.sum / n
-        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        mu = self.sum.cpu() / n
+        sigma = (self.outer.cpu() - n * torch.outer(mu, mu)) / (n - 1)
         return mu.numpy(), sigma.numpy()
 
     def inception_score(self) -> tuple[float, float]:
@@ -108,8 +115,7 @@ class FeatureStats:
 
 def all_gather_rows(idx: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather (indices (n,), rows (n, ...)) of unequal n from all ranks, padded to the largest n."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    world = dist.get_world_size()
+    device, world = comm_device(), dist.get_world_size()
     count = torch.tensor([len(idx)], device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
