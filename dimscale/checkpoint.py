@@ -96,7 +96,8 @@ def save(engine, ckpt_dir: str, images_seen: int, trainer_state: dict, rank_stat
     if rank == 0:
         missing = [r for r in range(dist.get_world_size()) if not os.path.isfile(os.path.join(tmp, f"rank{r:05d}.pt"))]
         if missing:
-            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} wrote no state; is {ckpt_dir} on a shared filesystem?")
+            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} wrote no state; "
+                               f"is {ckpt_dir} on a filesystem all nodes share?")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         link_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")

@@ -106,10 +106,13 @@ def check_paths(cfg: RunConfig) -> None:
                           f"pass the pretraining run's snapshots/latest, or '' to start from scratch")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
     """The DeepSpeed JSON for this run. bf16 = torch autocast over fp32 parameters, see the note below."""
     t = cfg.train
     accumulation = t.global_batch // (t.micro_batch * world_size)
+    # DeepSpeed's default 5e8-element buckets are persistent buffers (2 GB fp32 under ZeRO-3, whatever the model);
+    # size them to the model, at most the 5e7 usual for billion-parameter runs.
+    bucket = min(50_000_000, max(num_params // 8, 2**20))
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -117,7 +120,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,  # our own status line replaces DeepSpeed's
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": t.zero_stage,
+        "zero_optimization": {"stage": t.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              "stage3_prefetch_bucket_size": bucket,
                               # tiny debug models: partition every parameter so ZeRO-3 is really exercised
                               "stage3_param_persistence_threshold": 0 if t.zero_stage == 3 else 10**5},
         "checkpoint": {"tag_validation": "FAIL"},
@@ -166,8 +170,9 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.no_decay_marked), lr=t.lr,
                                   betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     warmup_steps = math.ceil(t.warmup_images / t.global_batch)
+    ds_config = deepspeed_config(cfg, world_size, num_params=sum(p.numel() for p in model.parameters()))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warmup_steps)))
     return engine
 
@@ -345,7 +350,8 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
     from dimscale.diffusion import Schedule, drop_labels, training_loss
 
     t = cfg.train
-    run_dir, ckpt_dir, snap_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints"), os.path.join(cfg.run_dir, "snapshots")
+    run_dir = cfg.run_dir
+    ckpt_dir, snap_dir = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "snapshots")
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         checkpoint.clean_partial(ckpt_dir)
@@ -419,7 +425,7 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
                 loss = training_loss(engine, x0, y, schedule, generator=noise_gen,
                                      bf16_timesteps=cfg.diffusion.bf16_timesteps)
                 loss = maybe_inject_nonfinite(loss, state)
-                finite = torch.tensor([float(torch.isfinite(loss).item())])
+                finite = torch.isfinite(loss.detach()).float().reshape(1)  # on the device: nccl needs CUDA tensors
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks drop a bad micro-batch together
                 if finite.item() == 0.0:
                     # No backward, no engine.step(): the micro-batch never happened, no update from it
@@ -444,7 +450,8 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
             ema.update(engine.module)  # after the optimizer step only (B.21), on gathered weights under ZeRO-3
 
             # one all-reduce per step: summed loss, images, and whether any rank got a stop signal
-            totals = torch.tensor([step_loss / accumulation, float(step_images), float(stop.signum)], dtype=torch.float64)
+            totals = torch.tensor([step_loss / accumulation, float(step_images), float(stop.signum)],
+                                  dtype=torch.float64, device=device)
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             before = state["images_seen"]
             state["images_seen"] += int(totals[1].item())

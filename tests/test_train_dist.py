@@ -200,7 +200,7 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path, referen
     assert len(curve) >= 8  # steps between the checkpoint and the kill appear twice
     assert {s for s, _ in curve} == set(range(1, 9))
     for step, loss in curve:
-        assert loss == reference[step], f"step {step}: {loss!r} != uninterrupted {reference[step]!r} (killed at {kill_at})"
+        assert loss == reference[step], f"step {step}: {loss!r} != {reference[step]!r} uninterrupted (kill at {kill_at})"
 
 
 def test_kill_during_checkpoint_write_keeps_a_loadable_latest(tmp_path, reference):

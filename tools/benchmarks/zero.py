@@ -44,7 +44,8 @@ def _tensors(obj, path, depth, out, seen_objs):
     for key, value in items:
         if isinstance(value, torch.nn.Module):
             continue  # the model itself is counted as parameters
-        _tensors(value, f"{path}.{key}", depth - 1, out, seen_objs)
+        name = key if isinstance(key, (str, int)) else type(key).__name__  # optimizer state is keyed by tensors
+        _tensors(value, f"{path}.{name}", depth - 1, out, seen_objs)
 
 
 class Bytes:
