@@ -58,21 +58,23 @@ from dimscale.metrics.inception import load_inception
 npz, weights, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = load_inception(weights)
 imgs = torch.from_numpy(np.load(npz)["arr_0"]).permute(0, 3, 1, 2)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 with torch.no_grad():
     for i in range(0, len(imgs), batch):
         model(imgs[i:i + batch])
-print(len(imgs) / (time.perf_counter() - t0))
+print(len(imgs) / (time.perf_counter() - t0), len(imgs) / (time.process_time() - c0))
 """
 
 
-def run_bare(npz: str, weights: str, batch: int) -> float:
-    """images/s of a plain loop over the same Inception module and images, in a fresh 1-thread process."""
+def run_bare(npz: str, weights: str, batch: int) -> tuple[float, float]:
+    """(images per wall second, per CPU second) of a plain loop over the same Inception and images, in a fresh
+    1-thread process."""
     out = subprocess.run([sys.executable, "-c", BARE, npz, weights, str(batch)], capture_output=True, text=True,
                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    wall, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def main(argv):
@@ -96,10 +98,14 @@ def main(argv):
                  "--batch-size", str(a.batch_size), "--no-progress", "--offline"]
 
     # tool vs bare loop, each in a fresh process with one thread (both pay the same first-batch warm-up)
-    tool_ips, bare_ips, one_ips, two_ips = [], [], [], []
+    tool_ips, bare_ips, one_ips, two_ips, tool_cpu, bare_cpu = [], [], [], [], [], []
     for _ in range(a.reps):
-        tool_ips.append(run_tool(tool_args, 1)["images_per_s"])
-        bare_ips.append(run_bare(os.path.join(tmp, "s.npz"), weights, a.batch_size))
+        rec = run_tool(tool_args, 1)
+        tool_ips.append(rec["images_per_s"])
+        tool_cpu.append(rec["num_samples"] / rec["feature_cpu_seconds_rank0"])
+        wall, cpu = run_bare(os.path.join(tmp, "s.npz"), weights, a.batch_size)
+        bare_ips.append(wall)
+        bare_cpu.append(cpu)
     # 2 ranks vs 1 rank (one thread each), interleaved
     for _ in range(a.reps):
         one_ips.append(run_tool(tool_args, 1)["images_per_s"])
@@ -112,7 +118,10 @@ def main(argv):
             "tool_images_per_s": round(tool, 3), "bare_images_per_s": round(bare, 3),
             "speedup_2_ranks": round(speedup, 4), "speedup_target": 1.7, "speedup_ok": speedup >= 1.7,
             "one_rank_images_per_s": round(one, 3), "two_rank_images_per_s": round(two, 3),
-            "raw": {"tool": tool_ips, "bare": bare_ips, "one_rank": one_ips, "two_ranks": two_ips},
+            # images per CPU second of the 1-thread processes: the overhead with CPU contention factored out
+            "ratio_cpu_time": round(statistics.median(tool_cpu) / statistics.median(bare_cpu), 4),
+            "raw": {"tool": tool_ips, "bare": bare_ips, "one_rank": one_ips, "two_ranks": two_ips,
+                    "tool_per_cpu_s": tool_cpu, "bare_per_cpu_s": bare_cpu},
             "images": a.images, "batch_size": a.batch_size, "reps": a.reps, "input_side": 64,
             "weights": "BN-recalibrated random Inception (pt_inception layout; not the FID weights)",
             "load_average": os.getloadavg()[0]}
