@@ -11,13 +11,7 @@ from dimscale.diffusion.samplers import _dpmpp_step, fast_orders, initial_noise
 S = Schedule()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coeffs(t: float):

@@ -10,13 +10,7 @@ from dimscale.models.dim import unpatchify
 from dimscale.models.layout import SCAN_ORDERS, pad_layout, relative_permutation, scan_chain, scan_order
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: intra-op threads only add contention for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

@@ -16,13 +16,7 @@ models = pytest.importorskip("dimscale.models", reason="dimscale.models (DiM) no
 from tools.sample import main, to_uint8  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_snapshot(folder, in_channels, resolution, latent="none", seed=0):
