@@ -59,3 +59,11 @@ def load_snapshot(folder: str, device: str | torch.device = "cpu", **model_overr
     model = build_model(cfg)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def model_input_shape(meta: dict) -> tuple[tuple[int, int, int], bool]:
+    """((C, H, W) the model samples at, is_latent) from snapshot meta: training pixels, or /8 in SD-VAE latents."""
+    mcfg, data = meta["model"], meta.get("data", {})
+    latent = data.get("latent", "none") != "none"
+    side = data["resolution"] // 8 if latent and "resolution" in data else data.get("resolution", mcfg["input_size"])
+    return (mcfg["in_channels"], side, side), latent

@@ -80,7 +80,7 @@ def test_training_loss_uses_integer_steps_and_alphas_cumprod_index():
     # plain MSE over all elements against the same draws (same generator seed -> same n and ε)
     zero = lambda x, t, y: torch.zeros_like(x)
     g = torch.Generator().manual_seed(3)
-    n = torch.randint(1, 1001, (512,), generator=g)
+    torch.randint(1, 1001, (512,), generator=g)  # the draws of n, so the noise below matches
     noise = torch.randn(x0.shape, generator=g)
     loss0 = training_loss(zero, x0, None, S, generator=torch.Generator().manual_seed(3))
     assert loss0.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)

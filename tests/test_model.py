@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dimscale.config import ModelConfig
-from dimscale.models import MODEL_ZOO, DiM, Mamba, adapt_state_dict, build_model
+from dimscale.models import MODEL_ZOO, Mamba, adapt_state_dict, build_model
 from dimscale.models.dim import unpatchify
 from dimscale.models.layout import SCAN_ORDERS, pad_layout, relative_permutation, scan_chain, scan_order
 

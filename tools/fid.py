@@ -48,7 +48,7 @@ def parse_args(argv):
     def common(q):
         q.add_argument("--detector", default="inception",
                        help="'inception' (FID) or 'classifier:PATH' (offline demo stand-in: NOT FID)")
-        q.add_argument("--inception", default="", help=f"path of the Inception weights file (default: torch hub cache)")
+        q.add_argument("--inception", default="", help="path of the Inception weights file (default: torch hub cache)")
         q.add_argument("--resize", default="tf1", choices=RESIZE_MODES,
                        help="resize to 299: tf1 = TF/ADM/torch-fidelity bilinear; pytorch-fid = F.interpolate")
         q.add_argument("--offline", action="store_true", help="never try to download the Inception weights")
@@ -170,13 +170,12 @@ def sum_all(t: torch.Tensor) -> torch.Tensor:
 def generated_batches(args, rank: int, world: int, device, proto: dict):
     """Yield this rank's (indices, uint8 images, labels) generated from the EMA snapshot."""
     from dimscale.diffusion import Schedule, sample
-    from dimscale.snapshot import load_snapshot
+    from dimscale.snapshot import load_snapshot, model_input_shape
     from tools.sample import to_uint8
     model, meta = load_snapshot(args.snapshot, device)
     mcfg, data, diff = meta["model"], meta.get("data", {}), meta.get("diffusion", {})
-    latent = data.get("latent", "none") != "none"          # model input: pixels, or SD-VAE latents at 1/8
-    side = data["resolution"] // 8 if latent and "resolution" in data else data.get("resolution", mcfg["input_size"])
-    shape = (mcfg["in_channels"], side, side)
+    shape, latent = model_input_shape(meta)
+    side = shape[-1]
     vae = None
     if latent:
         from dimscale.diffusion.vae import decode, load_vae

@@ -153,7 +153,6 @@ def model_bench():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     m(x, t, y).float().mean().backward()
             row[mixer + "_ms_per_image"] = 1e3 * cuda_time(step, reps=3) / B
-            del m
             torch.cuda.empty_cache()
         row["attention_over_dim"] = row["attention_ms_per_image"] / row["mamba_ms_per_image"]
         if crossover is None and row["attention_over_dim"] > 1:

@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dimscale.diffusion import SAMPLERS, Schedule, sample  # noqa: E402
-from dimscale.snapshot import load_snapshot  # noqa: E402
+from dimscale.snapshot import load_snapshot, model_input_shape  # noqa: E402
 
 
 def parse_args(argv):
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = load_snapshot(args.snapshot, device)
     mcfg, data, diff = meta["model"], meta.get("data", {}), meta.get("diffusion", {})
 
-    # model input: the training resolution in pixels, or /8 in SD-VAE latent space
-    latent = data.get("latent", "none") != "none"
-    side = data["resolution"] // 8 if latent and "resolution" in data else data.get("resolution", mcfg["input_size"])
-    shape = (mcfg["in_channels"], side, side)
+    shape, latent = model_input_shape(meta)
     vae = None
     if latent:
         from dimscale.diffusion.vae import decode, load_vae

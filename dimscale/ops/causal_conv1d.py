@@ -1,7 +1,6 @@
 """Depthwise causal conv1d (Mamba's short convolution): reference in PyTorch, causal-conv1d's kernel on CUDA."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
