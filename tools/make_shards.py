@@ -168,10 +168,12 @@ def probe(rec: Record, min_size: int, max_pixels: int) -> tuple:
     return w, h, None
 
 
-def load_image(rec: Record) -> tuple:
-    """(lazily opened Pillow image, original file bytes or None for IDX rows)."""
+def load_image(rec: Record, keep_bytes: bool) -> tuple:
+    """(lazily opened Pillow image, original file bytes when `keep_bytes`, else None; None for IDX rows)."""
     if rec.index >= 0:
         return Image.fromarray(read_idx(rec.path)[rec.index]), None
+    if not keep_bytes:  # let Pillow read the file itself: no extra copy of every input
+        return Image.open(rec.path), None
     with open(rec.path, "rb") as f:
         raw = f.read()
     return Image.open(io.BytesIO(raw)), raw
@@ -231,7 +233,7 @@ def process_shard(spec: ShardSpec, opts: dict, keep_pixels: bool = False) -> tup
     tw, th = spec.bucket
     for idx, rec, (w, h) in spec.records:
         try:
-            im, raw = load_image(rec)
+            im, raw = load_image(rec, keep_bytes=opts["format"] == "orig")
             if opts["format"] == "orig" and raw is not None:
                 im.load()  # prove the file decodes fully; the loader resizes at read time
                 ext, data = (im.format or "img").lower().replace("jpeg", "jpg"), raw
