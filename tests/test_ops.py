@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dimscale.ops import (causal_conv1d_fn, causal_conv1d_ref, resolve_backend, selective_scan_chunked,
+from dimscale.ops import (causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_shifted, resolve_backend, selective_scan_chunked,
                           selective_scan_fn, selective_scan_ref)
 
 
@@ -89,4 +89,22 @@ def test_causal_conv1d_is_causal_and_matches_conv1d():
     want = F.silu(F.conv1d(F.pad(x, (2, 0)), w[:, None], b, groups=5))
     assert torch.allclose(out, want, atol=1e-6)
     x2 = x.clone(); x2[..., 7:] += 1.0                     # changing the future leaves the past unchanged
-    assert torch.equal(causal_conv1d_fn(x2, w, b)[..., :7], causal_conv1d_ref(x, w, b)[..., :7])
+    assert torch.equal(causal_conv1d_fn(x2, w, b)[..., :7], causal_conv1d_fn(x, w, b)[..., :7])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation,bias", [("silu", True), (None, False)])
+def test_causal_conv1d_shifted_equals_reference(layout, activation, bias):
+    """The fast channels-last conv == F.conv1d, forward and backward, for (B, D, L) and (B, L, D) memory."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 6, generator=g) if layout == "channels_last" else torch.randn(2, 6, 9, generator=g)
+    grads = []
+    for fn in (causal_conv1d_ref, causal_conv1d_shifted):
+        xi = x.clone().requires_grad_()
+        w = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        b = torch.randn(6, generator=torch.Generator().manual_seed(2)).requires_grad_() if bias else None
+        out = fn(xi.transpose(1, 2) if layout == "channels_last" else xi, w, b, activation=activation)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out.detach(), xi.grad, w.grad] + ([b.grad] if bias else []))
+    for want, got in zip(*grads):
+        assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()

@@ -91,114 +91,162 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ret
 
 
 # ------------------------------------------------------------------------------------------------
-# Fast pure-PyTorch path: a two-level linear scan with a hand-written backward
+# Fast pure-PyTorch path: a cache-blocked sequential scan with a hand-written, recomputing backward
 # ------------------------------------------------------------------------------------------------
 
-def _two_level_scan_(a, b, P, chunk, adjoint=False):
-    """In place b <- h over dim 0 of contiguous (nc*chunk, M) tensors, every chunk scanned in parallel.
-
-    forward: h_t = a_t h_{t-1} + b_t (h_{-1} = 0); adjoint (reversed time): h_t = b_t + a_{t+1} h_{t+1}.
-    Level 1 runs all chunks at once (one Python step per position in a chunk) from a zero state; level 2 is a
-    short sequential pass over chunk boundaries (carry = s_c + P_c carry, P_c (nc, M) = the chunk's total decay,
-    given by the caller in closed form); level 3 replays the chunks from their true entry states, in place.
-    Only products of a in [0, 1] appear: no exp of positive numbers, no division.
-    """
-    nc, M = a.shape[0] // chunk, a.shape[1]
-    a, b = a.view(nc, chunk, M), b.view(nc, chunk, M)
-    if adjoint:
-        steps, chunks = range(chunk - 1, -1, -1), range(nc - 1, -1, -1)
-        edge = torch.cat([a[1:, 0], a.new_zeros(1, M)])          # a_{t+1} across each chunk's end, (nc, M)
-        coef = lambda t: edge if t == chunk - 1 else a[:, t + 1]
-    else:
-        steps, chunks = range(chunk), range(nc)
-        coef = lambda t: a[:, t]
-    s = None                                                     # level 1: local chunk states from zero
-    for t in steps:
-        s = b[:, t].clone() if s is None else torch.addcmul(b[:, t], coef(t), s, out=s)
-    start = torch.empty_like(s)                                  # level 2: state entering each chunk
-    carry = a.new_zeros(M)
-    for c in chunks:
-        start[c] = carry
-        carry = torch.addcmul(s[c], P[c], carry)
-    prev = start                                                 # level 3: replay, h written over b
-    for t in steps:
-        b[:, t].addcmul_(coef(t), prev)
-        prev = b[:, t]
-    return b.view(nc * chunk, M)
+LOG2E = 1.4426950408889634
 
 
-def _pad_time(x, Lp):
-    """Zero-pad dim 0 (time) to Lp; tensors without a time dim ((N, D) constants) pass through."""
-    if x.dim() < 4 or x.shape[0] == Lp:
-        return x
-    return torch.cat([x, x.new_zeros(Lp - x.shape[0], *x.shape[1:])])
+def default_chunk(step_numel):
+    """Time steps per block: one (T, B, N, D) fp32 block of ~1 MiB, about the L2 cache of one core."""
+    return max(1, (1 << 18) // step_numel)
+
+
+def _rows(M, s, e):
+    """Time steps s:e of a time-major tensor; a constant (N, D) B or C is the same for every block."""
+    return M if M.dim() == 2 else M[s:e]
+
+
+def _steps(x, s, e):
+    """Time steps s:e of a (B, D, L) tensor as a (T, B, 1, D) view; rows of D are contiguous (`_channels_last`)."""
+    return x[:, :, s:e].permute(2, 0, 1).unsqueeze(2)
+
+
+def _load(x, s, e):
+    """Time steps s:e of a (B, D, L) tensor as a new contiguous fp32 (T, B, 1, D) block (row copies, no transpose)."""
+    return x.new_empty(e - s, x.shape[0], 1, x.shape[1], dtype=torch.float32).copy_(_steps(x, s, e))
+
+
+def _channels_last(x):
+    """(B, D, L) with D contiguous in memory, as Mamba's in_proj makes it; others are transposed once, since a
+    transposing copy costs ~5-10x a plain one on CPU."""
+    return x if x is None or x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _contract(v, x, over, like=None):
-    """Sum of v * x over N ('n': v (L, B, N, 1) -> (L, B, 1, D)) or over D ('d': v (L, B, 1, D) -> `like`'s
-    shape, (L, B, N, 1) when variable); a read-only batched matmul when v is per time step, else mul + sum."""
+    """Sum of v * x over N ('n': v (T, B, N, 1) -> (T, B, 1, D)) or over D ('d': v (T, B, 1, D) -> `like`'s
+    shape, (T, B, N, 1) when variable); batched matrix products that only read x when v varies per step."""
+    T, batch, N, D = x.shape
     if over == "n":
         if v.dim() == 4 and v.shape[-1] == 1:
-            return torch.matmul(v.transpose(-1, -2), x)
+            return torch.bmm(v.reshape(T * batch, 1, N), x.view(T * batch, N, D)).view(T, batch, 1, D)
         return (x * v).sum(2, keepdim=True)
-    if like is not None and len(like) == 4 and like[-1] == 1:
+    if len(like) == 4 and like[-1] == 1:
         return torch.matmul(x, v.transpose(-1, -2))
     return (x * v).sum_to_size(like)
 
 
-class _SelectiveScanCore(torch.autograd.Function):
-    """y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + xu_t B_t, with a hand-written backward (the adjoint scan
-    g_t = dh_t + a_{t+1} g_{t+1}) so autograd never sees the (L, B, N, D) broadcasts.
+class _Block:
+    """One block of T time steps, recomputed from the inputs: dt, u, dt*u (T, B, 1, D); decays a and states H
+    (T, B, N, D) from the state h0 entering the block (dim-reference.md §1.6: ZOH for A, Euler for B).
+    Blocks are contiguous: ops on contiguous operands are 2-10x faster than on strided views."""
 
-    Layout is time-major with the channel dim D innermost, (L, B, N, D), so every full-size op is a
-    contiguous, vectorised loop over D. On CPU these ops are bound by writing full-size tensors, so the
-    contractions over N or D (y, dB, dC, dxu) are batched matmuls that only read them. dt, xu: (L, B, 1, D);
-    At: (N, D); Bt, Ct broadcastable to (L, B, N, D): (L, B, N, 1) variable, (L, B, N, D) grouped, (N, D) constant.
-    Time is zero-padded to a multiple of the chunk (dt = 0 gives a = 1, xu = 0 gives b = 0: identity steps).
+    def __init__(self, s, e, u, delta, At2, Bt, bias, softplus, h0, a, H):
+        self.raw = _load(delta, s, e)
+        if bias is not None:
+            self.raw += bias
+        self.dt = F.softplus(self.raw) if softplus else self.raw
+        self.u = _load(u, s, e)
+        self.xu = self.dt * self.u
+        self.a, self.H = a, H
+        torch.mul(self.dt, At2, out=a).exp2_()                 # exp(dt A) as exp2(dt A log2 e): half the CPU time
+        torch.mul(_rows(Bt, s, e), self.xu, out=H)             # b_t = B_t dt_t u_t
+        prev = h0
+        for a_t, h_t in zip(a.unbind(0), H.unbind(0)):         # h_t = a_t h_{t-1} + b_t: T in-cache steps
+            h_t.addcmul_(a_t, prev)
+            prev = h_t
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The whole selective scan (softplus, scan, D skip, z gate) in blocks of T time steps.
+
+    States are time-major (T, B, N, D), D innermost, so each of a block's T steps is one vectorised op over
+    B*N*D, and a block's tensors (~1 MiB) stay in cache. Nothing of size (L, B, N, D) is materialised: only
+    the state entering each block is kept, and the backward recomputes every block from it (as mamba-ssm's
+    CUDA kernel does), runs the adjoint scan g_{t-1} += a_t g_t backwards through the block, and reduces it
+    into all gradients at once. u, delta, z: (B, D, L) over (B, L, D) memory (`_channels_last`); At: (N, D) fp32; Bt, Ct broadcastable to
+    (L, B, N, D): (L, B, N, 1) variable, (L, B, N, D) grouped, (N, D) constant.
     """
 
     @staticmethod
-    def forward(ctx, dt, xu, At, Bt, Ct, chunk):
-        L = dt.shape[0]
-        Lp = -(-L // chunk) * chunk
-        dt, xu, Bt, Ct = (_pad_time(x, Lp) for x in (dt, xu, Bt, Ct))
-        a = (dt * At).contiguous().exp_()                                       # (Lp, B, N, D), in (0, 1]
-        b = (Bt * xu).contiguous()                                              # (Lp, B, N, D)
-        P = torch.exp(dt.view(Lp // chunk, chunk, *dt.shape[1:]).sum(1) * At)   # chunk decay, exp(A sum dt)
-        h = _two_level_scan_(a.view(Lp, -1), b.view(Lp, -1), P.reshape(Lp // chunk, -1), chunk).view(a.shape)
-        y = _contract(Ct, h, "n")                                               # (Lp, B, 1, D)
-        ctx.save_for_backward(dt, xu, At, Bt, Ct, a, h)
-        ctx.chunk, ctx.L = chunk, L
-        return y[:L], h[L - 1]
+    def forward(ctx, u, delta, At, Bt, Ct, Dv, z, bias, softplus, chunk):
+        batch, D, L = u.shape
+        T, N = min(chunk, L), At.shape[0]
+        n_blocks = -(-L // T)
+        At2 = At * LOG2E
+        a_buf, H_buf = u.new_empty(T, batch, N, D, dtype=torch.float32), u.new_empty(T, batch, N, D, dtype=torch.float32)
+        starts = a_buf.new_empty(n_blocks + 1, batch, N, D)   # state entering each block; the last = final state
+        starts[0].zero_()
+        out = a_buf.new_empty(batch, L, D).transpose(1, 2)    # (B, D, L) over (B, L, D) memory: rows per step
+        for k in range(n_blocks):
+            s, e = k * T, min(L, k * T + T)
+            blk = _Block(s, e, u, delta, At2, Bt, bias, softplus, starts[k], a_buf[:e - s], H_buf[:e - s])
+            starts[k + 1].copy_(blk.H[-1])
+            y = _contract(_rows(Ct, s, e), blk.H, "n")         # (T, B, 1, D)
+            if Dv is not None:
+                y.addcmul_(blk.u, Dv)
+            if z is not None:
+                y.mul_(F.silu(_load(z, s, e)))
+            _steps(out, s, e).copy_(y)
+        ctx.save_for_backward(u, delta, At, Bt, Ct, Dv, z, bias, starts)
+        ctx.softplus, ctx.chunk = softplus, T
+        return out, starts[-1].clone()
 
     @staticmethod
-    def backward(ctx, gy, glast):
-        dt, xu, At, Bt, Ct, a, h = ctx.saved_tensors
-        L, chunk = ctx.L, ctx.chunk
-        Lp, nc = a.shape[0], a.shape[0] // chunk
-        gy = _pad_time(gy.contiguous(), Lp)
-        g = (Ct * gy).contiguous()                                              # (Lp, B, N, D) direct dLoss/dh_t
-        if glast is not None:
-            g[L - 1] += glast
-        # adjoint chunk decay: a_{t+1} for t = 0..chunk-1 of chunk c = exp(A sum_{t=1..chunk-1} dt) * a_{c+1, 0}
-        inner = torch.exp(dt.view(nc, chunk, *dt.shape[1:])[:, 1:].sum(1) * At)                  # (nc, B, N, D)
-        edge = torch.cat([a.view(nc, chunk, *a.shape[1:])[1:, 0], a.new_zeros(1, *a.shape[1:])])
-        g = _two_level_scan_(a.view(Lp, -1), g.view(Lp, -1), (inner * edge).reshape(nc, -1), chunk,
-                             adjoint=True).view(a.shape)                        # g_t = dLoss/dh_t, total
-        dC, dB = _contract(gy, h, "d", Ct.shape), _contract(xu, g, "d", Bt.shape)  # (Lp, B, N, 1) if variable
-        dxu = _contract(Bt, g, "n")                                             # (Lp, B, 1, D)
-        g[1:] *= h[:-1]                                                         # dLoss/d(dt A) = g_t h_{t-1} a_t
-        g[0] = 0
-        g *= a
-        ddt = sum(g[:, :, n:n + 1] * At[n] for n in range(At.shape[0]))         # (Lp, B, 1, D), sum over N
-        dAt = (g * dt).sum((0, 1))                                              # (N, D)
-        cut = lambda x: x[:L] if x.dim() == 4 and x.shape[0] == Lp else x
-        return cut(ddt), cut(dxu), dAt, cut(dB), cut(dC), None
-
-
-def default_chunk(L):
-    """Chunk length ~ sqrt(L): balances the T in-chunk steps against the L/T boundary steps."""
-    return max(4, int(round(math.sqrt(L))))
+    def backward(ctx, gout, glast):
+        u, delta, At, Bt, Ct, Dv, z, bias, starts = ctx.saved_tensors
+        T, (batch, D, L), N = ctx.chunk, u.shape, At.shape[0]
+        At2, gout = At * LOG2E, _channels_last(gout)
+        a_buf, H_buf, G_buf = (u.new_empty(T, batch, N, D, dtype=torch.float32) for _ in range(3))
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dAt, dB, dC = torch.zeros_like(At), torch.zeros_like(Bt), torch.zeros_like(Ct)
+        dD = torch.zeros_like(Dv) if Dv is not None else None
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        carry = glast                                          # dLoss/d(the last state of the block being done)
+        for k in reversed(range(starts.shape[0] - 1)):
+            s, e = k * T, min(L, k * T + T)
+            a, H, G = a_buf[:e - s], H_buf[:e - s], G_buf[:e - s]
+            Bk, Ck, h0 = _rows(Bt, s, e), _rows(Ct, s, e), starts[k]
+            blk = _Block(s, e, u, delta, At2, Bt, bias, ctx.softplus, h0, a, H)
+            gy = _load(gout, s, e)                             # dLoss/d out -> dLoss/dy (y = C . h)
+            if z is not None:
+                zk = _load(z, s, e)
+                y = _contract(Ck, H, "n")
+                if Dv is not None:
+                    y.addcmul_(blk.u, Dv)
+                _steps(dz, s, e).copy_(torch.ops.aten.silu_backward(gy * y, zk))
+                gy.mul_(F.silu(zk))
+            gu = gy * Dv if Dv is not None else torch.zeros_like(gy)
+            if Dv is not None:
+                dD += (gy * blk.u).sum((0, 1, 2))
+            torch.mul(Ck, gy, out=G)                           # direct dLoss/dh_t = C_t gy_t
+            if carry is not None:
+                G[-1] += carry
+            Gs, As = G.unbind(0), a.unbind(0)
+            for t in range(e - s - 1, 0, -1):                  # adjoint scan: g_{t-1} += a_t g_t
+                Gs[t - 1].addcmul_(As[t], Gs[t])
+            carry = As[0] * Gs[0]                              # a_s g_s flows into the previous block's last state
+            dxu = _contract(Bk, G, "n")                        # (T, B, 1, D)
+            gB, gC = _contract(blk.xu, G, "d", Bk.shape), _contract(gy, H, "d", Ck.shape)
+            for grad, part in ((dB, gB), (dC, gC)):
+                if grad.dim() == 2:
+                    grad += part
+                else:
+                    grad[s:e] = part
+            a.mul_(G)                                          # x_t = a_t g_t h_{t-1} = dLoss/d(dt_t A)
+            a[1:].mul_(H[:-1])
+            a[0].mul_(h0)
+            dAt += torch.mul(a, blk.dt, out=H).sum((0, 1))
+            ddt = torch.mul(a, At, out=G).sum(2, keepdim=True).addcmul_(dxu, blk.u)
+            gu.addcmul_(dxu, blk.dt)
+            if ctx.softplus:
+                ddt.mul_(torch.sigmoid(blk.raw))               # softplus' = sigmoid
+            if bias is not None:
+                dbias += ddt.sum((0, 1, 2))
+            _steps(du, s, e).copy_(gu)
+            _steps(ddelta, s, e).copy_(ddt)
+        return du, ddelta, dAt, dB, dC, dD, dz, dbias, None, None
 
 
 def _time_major(M, dim):
@@ -209,17 +257,15 @@ def _time_major(M, dim):
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, chunk_size=None):
-    """Same result as `selective_scan_ref`, computed with the two-level scan (time-major, fp32)."""
+    """Same result as `selective_scan_ref`, computed block by block in fp32 (`_SelectiveScan`)."""
     _check(u, delta, A, B, C)
-    dtype_in = u.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):  # the SSM runs in fp32 (Mamba README)
-        u, delta = _discretize(u, delta, delta_bias, delta_softplus)
-        L = u.shape[2]
-        dt = delta.permute(2, 0, 1).contiguous().unsqueeze(2)                           # (L, B, 1, D)
-        xu = (delta * u).permute(2, 0, 1).contiguous().unsqueeze(2)                      # (L, B, 1, D)
-        y, last = _SelectiveScanCore.apply(dt, xu, A.float().t().contiguous(), _time_major(B, A.shape[0]),
-                                           _time_major(C, A.shape[0]), chunk_size or default_chunk(L))
-        out = _finish(y.squeeze(2).permute(1, 2, 0), u, D, z, dtype_in)               # (B, D, L)
+        f32 = lambda x: None if x is None else x.float()
+        T = chunk_size or default_chunk(u.shape[0] * A.shape[0] * A.shape[1])
+        u, delta, z = _channels_last(u), _channels_last(delta), _channels_last(z)
+        out, last = _SelectiveScan.apply(u, delta, A.float().t().contiguous(), _time_major(B, A.shape[0]),
+                                         _time_major(C, A.shape[0]), f32(D), z, f32(delta_bias), delta_softplus, T)
+    out = out.to(u.dtype)                                       # as selective_scan_ref: output in u's dtype
     return (out, last.transpose(1, 2)) if return_last_state else out
 
 

@@ -18,11 +18,13 @@ from dimscale.ops import selective_scan_chunked, selective_scan_ref
 
 
 def make_inputs(L, B=2, D=512, N=16, seed=0):
-    """Leaf tensors shaped like Mamba-1's scan inputs; A = -exp(A_log) with the S4D-real init."""
+    """Leaf tensors shaped and laid out like Mamba-1's scan inputs (u, delta, z are transposed views of the
+    (B, L, d_inner) projections); A = -exp(A_log) with the S4D-real init."""
     g = torch.Generator().manual_seed(seed)
-    xs = dict(u=torch.randn(B, D, L, generator=g), delta=torch.randn(B, D, L, generator=g) - 3.0,
+    bdl = lambda: torch.randn(B, L, D, generator=g).transpose(1, 2)  # (B, D, L) over (B, L, D) memory, as in Mamba
+    xs = dict(u=bdl(), delta=bdl() - 3.0,
               A=-torch.arange(1.0, N + 1).repeat(D, 1), B=torch.randn(B, N, L, generator=g),
-              C=torch.randn(B, N, L, generator=g), D=torch.ones(D), z=torch.randn(B, D, L, generator=g),
+              C=torch.randn(B, N, L, generator=g), D=torch.ones(D), z=bdl(),
               delta_bias=torch.rand(D, generator=g) - 2.0)
     return {k: v.requires_grad_() for k, v in xs.items()}
 
