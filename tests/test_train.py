@@ -140,7 +140,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA under ZeRO-3 (2 real ranks) = EMA of the gathered full parameters = EMA under ZeRO-0
+# EMA under ZeRO-3 (2 real ranks) = EMA of the gathered full parameters = EMA under ZeRO-0 (ZeRO-3 sharing
+# its fp32 master with the parameter partitions)
 # ------------------------------------------------------------------------------------------------
 
 def _ema_worker(rank, port, results):
@@ -173,7 +174,10 @@ def _ema_worker(rank, port, results):
                 for n, p in named:
                     reference[n] = 0.5 * reference[n] + 0.5 * p.detach().double()
         # numpy: plain pickles (torch tensors would travel as shared memory the exiting worker takes with it)
+        opt = engine.optimizer
         out[stage] = {"sharded": sum(p.numel() for _, p in named) == 0,
+                      "master_shared": [m.data_ptr() == lp.data_ptr() for lp, m in zip(
+                          getattr(opt, "fp16_partitioned_groups_flat", []), getattr(opt, "fp32_partitioned_groups_flat", []))],
                       "ema": {n: t.numpy() for n, t in ema.shadow.items()},
                       "initial": {n: t.numpy() for n, t in initial.items()},
                       "reference": {n: t.float().numpy() for n, t in reference.items()}}
@@ -197,6 +201,7 @@ def test_ema_under_zero3_equals_the_ema_of_gathered_parameters():
                     for k, v in d.items()} for s, d in o.items()} for r, o in outs.items()}
     z3, z0 = outs[0][3], outs[0][0]
     assert z3["sharded"] and not z0["sharded"]  # ZeRO-3 really partitioned the weights
+    assert z3["master_shared"] and all(z3["master_shared"])  # fp32 params: no second fp32 "master" copy per rank
     for name, ema in z3["ema"].items():
         assert ema.numel() > 0 and ema.dtype == torch.float32
         torch.testing.assert_close(ema, z3["reference"][name], rtol=1e-6, atol=1e-7)
