@@ -101,6 +101,14 @@ def check_paths(cfg: RunConfig) -> None:
     if "://" not in shards and not shards.startswith("pipe:") and not os.path.isfile(manifest):
         raise ConfigError(f"data.shards = '{shards}': no shards found (no manifest.json there); "
                           f"write them with tools/make_shards.py and point data.shards at the output folder")
+    d = cfg.data
+    # latent runs need the VAE to encode (online) or to decode sample grids: fail now, not at the first grid
+    if d.latent != "none" and (d.latent == "online" or cfg.train.sample_every_images > 0) \
+            and not os.path.isfile(os.path.join(d.vae_path, "config.json")):
+        why = "encodes images with it" if d.latent == "online" else "decodes sample grids with it"
+        raise ConfigError(f"data.vae_path = '{d.vae_path}' is not a diffusers AutoencoderKL folder (no config.json); "
+                          f"data.latent = '{d.latent}' {why}: point it at the VAE the shards were written with"
+                          + ("" if d.latent == "online" else ", or set train.sample_every_images=0"))
     if cfg.init.snapshot and not os.path.isfile(os.path.join(cfg.init.snapshot, "ema.safetensors")):
         raise ConfigError(f"init.snapshot = '{cfg.init.snapshot}' is not an EMA snapshot folder (no ema.safetensors); "
                           f"pass the pretraining run's snapshots/latest, or '' to start from scratch")
@@ -420,7 +428,7 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
             from dimscale.snapshot import save_snapshot
             d = cfg.data
             meta = {"data": {"resolution": d.resolution, "latent": d.latent, "vae_scale": d.vae_scale,
-                             "channels": cfg.model.in_channels},
+                             "vae_path": d.vae_path, "channels": cfg.model.in_channels},
                     "images_seen": state["images_seen"], "run": cfg.name}
             save_snapshot(os.path.join(snap_dir, "latest"), ema.state_dict(engine.module), cfg.model, meta)
 

@@ -1,5 +1,6 @@
 """dimscale/train.py in one process (bad configs, finetune from a snapshot, non-finite losses) and the ZeRO-3 EMA."""
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -111,6 +112,49 @@ def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process,
     for k in got:
         assert torch.equal(got[k], expected[k].float()), k
     assert all(loss == loss for _, loss in losses(tmp_path / "ft"))  # bf16 run trains with finite losses
+
+
+# ------------------------------------------------------------------------------------------------
+# SD-VAE latent space: moments stored in the shards, or encoded on the fly (dim-reference.md §3.3)
+# ------------------------------------------------------------------------------------------------
+
+def test_latent_training_from_moments_and_online_vae(one_process, tmp_path, capsys):
+    """Latent runs train from stored moments and from an online VAE; snapshots sample at 4x8x8."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from PIL import Image
+    from data_fixtures import make_photo_tree, run_make_shards
+    from dimscale.snapshot import model_input_shape, read_snapshot
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1).save_pretrained(vae)  # random weights, /8 like the SD VAE
+    make_photo_tree(str(tmp_path / "src"), n_random=10, seed=3, bad=False)  # 21 photos in 3 class folders
+    # one square bucket: the model's pos-emb is allocated for an 8x8 latent grid
+    assert run_make_shards(tmp_path / "src", tmp_path / "shards", "--resolution", 64, "--format", "png",
+                           "--buckets", "64x64", "--vae", vae, "--vae-batch", 8, "--shard-size", 8,
+                           "--workers", 1) == 0
+    model = ["--set", "model.in_channels=4", "--set", "model.input_size=8", "--set", "model.num_classes=3",
+             "--set", "data.resolution=64", "--set", "data.channels=3", "--set", "diffusion.sample_steps=2"]
+
+    # moments: sample grids need the VAE to decode; without data.vae_path that is a config error, not a crash mid-run
+    bad = overrides(str(tmp_path / "shards"), tmp_path, "bad", total_images=8, global_batch=4, micro_batch=2,
+                    sample_every_images=8)
+    assert one_process(["--config", str(CONFIG), *bad, *model, "--set", "data.latent=moments"]) == 2
+    assert "data.vae_path = ''" in capsys.readouterr().err
+    for latent in ("moments", "online"):
+        args = overrides(str(tmp_path / "shards"), tmp_path, latent, total_images=8, global_batch=4, micro_batch=2,
+                         ckpt_every_images=8, snapshot_every_images=8, sample_every_images=8, sample_count=4)
+        assert one_process(["--config", str(CONFIG), *args, *model, "--set", f"data.latent={latent}",
+                            "--set", f"data.vae_path={vae}"]) == 0, latent
+        curve = losses(tmp_path / latent)
+        assert [s for s, _ in curve] == [1, 2] and all(math.isfinite(v) for _, v in curve), curve
+        state, meta = read_snapshot(str(tmp_path / latent / "snapshots" / "latest"))
+        assert model_input_shape(meta) == ((4, 8, 8), True) and meta["images_seen"] == 8
+        assert meta["data"]["vae_path"] == str(vae)  # tools/sample.py and tools/fid.py decode with it by default
+        assert state["proj_out_2.weight"].shape[0] == 2 * 2 * 4  # DiM-T/2 predicts 2x2 patches of 4 channels
+        with Image.open(tmp_path / latent / "samples" / "img000000000008.png") as grid:
+            assert grid.size == (2 + 2 * 66, 2 + 2 * 66) and grid.mode == "RGB"  # VAE-decoded 64x64 RGB
 
 
 # ------------------------------------------------------------------------------------------------

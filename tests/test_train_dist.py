@@ -171,6 +171,29 @@ def test_each_zero_stage_trains_and_fp32_stages_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The DeepSpeed launcher (`deepspeed --num_gpus 2 dimscale/train.py`): --local_rank, env from launch.py
+# ------------------------------------------------------------------------------------------------
+
+def test_deepspeed_launcher_runs_two_ranks(tmp_path):
+    """`deepspeed --num_gpus 2` on CPU starts two ranks that share the run and each train on half the images."""
+    log = tmp_path / "log.txt"
+    # on CPU the launcher counts NUMA nodes as devices: --num_gpus 2 asks for two ranks on this one node
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "dimscale/train.py", "--config", str(CONFIG),
+           *overrides(fmnist_shards(), tmp_path, "ds", total_images=32, ckpt_every_images=0)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    finish(proc, log, timeout=300)  # a cold start may JIT-build DeepSpeed ops first
+    assert [s for s, _ in losses(tmp_path / "ds")] == [1, 2]  # 16 images per step: 2 ranks x 2 micro-batches x 4
+    latest = tmp_path / "ds" / "checkpoints" / "latest"
+    assert json.loads((latest / "trainer.json").read_text())["world_size"] == 2
+    for rank in (0, 1):
+        loader = torch.load(latest / f"rank{rank:05d}.pt", weights_only=True)["loader"]
+        assert (loader["rank"], loader["world_size"]) == (rank, 2)
+        assert sum(loader["seen_bucket"].values()) == 16  # each rank drew its own half of the 32 images
+
+
+# ------------------------------------------------------------------------------------------------
 # kill -9 and resume: bitwise equal losses
 # ------------------------------------------------------------------------------------------------
 
