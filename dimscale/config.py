@@ -225,6 +225,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
             f"{t.micro_batch} x {world_size}; set global_batch to a multiple of {t.micro_batch * world_size}")
     if d.latent == "online" and not d.vae_path:
         raise ConfigError("data.latent = 'online' needs data.vae_path: a local diffusers AutoencoderKL folder")
+    if d.latent == "online" and d.channels != 3:
+        raise ConfigError(f"data.latent = 'online' encodes RGB images with the SD VAE but data.channels = {d.channels}; "
+                          f"set data.channels=3")
     patch = MODEL_ZOO[m.name]["patch"]
     side = d.resolution // 8 if d.latent != "none" else d.resolution
     if side % patch:

@@ -38,6 +38,7 @@ def one_process(monkeypatch):
     (["train.lrr=1"], 1, "unknown config key 'train.lrr'"),
     (["train.micro_batch=four"], 1, "train.micro_batch: expected an integer"),
     (["train.global_batch=16", "train.micro_batch=3"], 2, "not divisible by train.micro_batch x world size = 3 x 2"),
+    (["data.latent=online", "data.vae_path=/some/vae", "data.channels=1"], 1, "set data.channels=3"),
     (["data.shards=/nonexistent/shards"], 1, "no shards found"),
     (["model.name=DiM-Z/9"], 1, "model.name 'DiM-Z/9' is not in the zoo"),
 ])
