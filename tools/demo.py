@@ -13,7 +13,8 @@ walkthrough (dim-reference.md §3.4 weak-to-strong, §5 training-free upsampling
  4. dimscale/train.py (finetune)  2 ranks at 32x32, initialised from the pretrain's EMA snapshot (pos-emb interpolated)
  5. tools/sample.py               a class-conditional 32x32 grid, and a 64x64 one with Upsample Guidance (--upsample 2)
  6. tools/fid.py eval (2 ranks)   Fréchet distance in the classifier's features + its accuracy on the model's own
-                                  class-conditional samples (NOT FID; ~10% for noise, the demo's target is >= 60%)
+                                  class-conditional samples (NOT FID; ~10% for noise, the demo's target is >= 60%),
+                                  for the final 32x32 model, then the same for the 16x16 pretraining snapshot
 Hyper-parameters live in configs/demo_pretrain_16.json and configs/demo_finetune_32.json; --small overrides them.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TARGET_ACCURACY = 0.60
-STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "grid_32", "grid_64_upsampled", "metric")
+STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "grid_32", "grid_64_upsampled", "metric",
+          "metric_pretrain_16")
 
 # Sizes of the two modes; everything not listed here comes from the demo configs.
 FULL = dict(shard_limit=0, clf_limit=0, clf_epochs=2, pretrain_images=None, finetune_images=None,
@@ -171,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", "50", "--json-out", metric_json, "--no-progress"], env_ranks, logs, timings, args.from_stage))
     metric = record.get("metrics", record)
     accuracy = metric.get("classifier_accuracy")
+    # the same metric on the 16x16 pretraining snapshot: shows what the finetune keeps (or not yet) of it
+    metric16_json = os.path.join(out, "metric_pretrain_16.json")
+    record16 = last_json(run("metric_pretrain_16", torchrun + [
+        "tools/fid.py", "eval", "--snapshot", pre_snap, "--ref", ref, "--detector", f"classifier:{clf}",
+        "--num", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
+        "--batch-size", "50", "--json-out", metric16_json, "--no-progress"], env_ranks, logs, timings, args.from_stage))
+    metric16 = record16.get("metrics", record16)
 
     if args.docs_images:
         os.makedirs(args.docs_images, exist_ok=True)
@@ -182,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"total_s": total, "stages_s": timings, "stages_cpu_s": cpu_seconds,
                "accuracy": accuracy, "target_accuracy": TARGET_ACCURACY,
                "target_met": met, "fcd_not_fid": metric.get("fcd_not_fid"),
-               "small": args.small, "metric": metric,
+               "small": args.small, "metric": metric, "metric_pretrain_16": metric16,
                "artifacts": {"shards": os.path.join(shards, "manifest.json"),
                              "pretrain_run": os.path.join(runs, "demo_pretrain_16"),
                              "pretrain_snapshot": pre_snap,
                              "finetune_run": os.path.join(runs, "demo_finetune_32"),
                              "finetune_snapshot": snap, "grid_32": grid32, "grid_64_upsampled": grid64,
-                             "classifier": clf, "metric": metric_json, "logs": logs,
+                             "classifier": clf, "metric": metric_json, "metric_pretrain_16": metric16_json,
+                             "logs": logs,
                              "wandb_offline": os.path.join(runs, "demo_finetune_32", "wandb")}}
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"classifier accuracy on the model's class-conditional samples: {accuracy} "
           f"({verdict} the {TARGET_ACCURACY:.0%} target; ~10% for noise). Fréchet classifier distance: "
           f"{metric.get('fcd_not_fid')} (not FID)")
+    print(f"the same on the 16x16 pretraining snapshot: accuracy {metric16.get('classifier_accuracy')}, "
+          f"Fréchet classifier distance {metric16.get('fcd_not_fid')}")
     return 0
 
 
