@@ -68,6 +68,7 @@ def test_demo_small_end_to_end(tmp_path):
     for g in (g32, g64):
         assert g.std() > 5
     assert (tmp_path / "docs" / "demo_grid_32.png").is_file()
+    assert (tmp_path / "docs" / "demo_grid_16_pretrain.png").is_file()
 
     metric = json.loads(open(art["metric"]).read())                  # tools/fid.py's record, 2 ranks
     assert metric["world_size"] == 2 and metric["num_samples"] == 20 and metric["labels"] == "balanced"

@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TARGET_ACCURACY = 0.60
-STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "grid_32", "grid_64_upsampled", "metric",
-          "metric_pretrain_16")
+STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "grid_32", "grid_64_upsampled",
+          "grid_16_pretrain", "metric", "metric_pretrain_16")
 
 # Sizes of the two modes; everything not listed here comes from the demo configs.
 FULL = dict(shard_limit=0, clf_limit=0, clf_epochs=2, pretrain_images=None, finetune_images=None,
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         timings, args.from_stage)
     run("grid_64_upsampled", sample + ["--labels", ",".join(str(i % 10) for i in range(n64)), "--upsample", "2",
                                        "--seed", "1000", "--out", grid64], env, logs, timings, args.from_stage)
+    grid16 = os.path.join(out, "grid_16_pretrain.png")                  # what the finetune starts from
+    run("grid_16_pretrain", [py, "tools/sample.py", pre_snap] + sample[3:] + [
+        "--labels", ",".join(str(i % 10) for i in range(n32)), "--out", grid16], env, logs, timings, args.from_stage)
 
     # 6. the metric, on 2 ranks like a cluster FID: the model's class-balanced samples -> Fréchet classifier
     #    distance to the reference + the classifier's accuracy on the intended labels
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.docs_images, exist_ok=True)
         shutil.copy(grid32, os.path.join(args.docs_images, "demo_grid_32.png"))
         shutil.copy(grid64, os.path.join(args.docs_images, "demo_grid_64_upsampled.png"))
+        shutil.copy(grid16, os.path.join(args.docs_images, "demo_grid_16_pretrain.png"))
 
     total = round(time.time() - t_start, 1)
     met = accuracy is not None and accuracy >= TARGET_ACCURACY
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                              "pretrain_snapshot": pre_snap,
                              "finetune_run": os.path.join(runs, "demo_finetune_32"),
                              "finetune_snapshot": snap, "grid_32": grid32, "grid_64_upsampled": grid64,
+                             "grid_16_pretrain": grid16,
                              "classifier": clf, "metric": metric_json, "metric_pretrain_16": metric16_json,
                              "logs": logs,
                              "wandb_offline": os.path.join(runs, "demo_finetune_32", "wandb")}}

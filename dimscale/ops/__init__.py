@@ -3,5 +3,5 @@ from dimscale.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, caus
 from dimscale.ops.selective_scan import (cuda_kernels, default_chunk, resolve_backend, selective_scan_chunked,
                                          selective_scan_fn, selective_scan_ref)
 
-__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_shifted", "cuda_kernels", "default_chunk", "resolve_backend",
-           "selective_scan_chunked", "selective_scan_fn", "selective_scan_ref"]
+__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_shifted", "cuda_kernels", "default_chunk",
+           "resolve_backend", "selective_scan_chunked", "selective_scan_fn", "selective_scan_ref"]

@@ -164,8 +164,8 @@ class _SelectiveScan(torch.autograd.Function):
     B*N*D, and a block's tensors (~1 MiB) stay in cache. Nothing of size (L, B, N, D) is materialised: only
     the state entering each block is kept, and the backward recomputes every block from it (as mamba-ssm's
     CUDA kernel does), runs the adjoint scan g_{t-1} += a_t g_t backwards through the block, and reduces it
-    into all gradients at once. u, delta, z: (B, D, L) over (B, L, D) memory (`_channels_last`); At: (N, D) fp32; Bt, Ct broadcastable to
-    (L, B, N, D): (L, B, N, 1) variable, (L, B, N, D) grouped, (N, D) constant.
+    into all gradients at once. u, delta, z: (B, D, L) over (B, L, D) memory (`_channels_last`); At: (N, D)
+    fp32; Bt, Ct broadcastable to (L, B, N, D): (L, B, N, 1) variable, (L, B, N, D) grouped, (N, D) constant.
     """
 
     @staticmethod
@@ -174,7 +174,7 @@ class _SelectiveScan(torch.autograd.Function):
         T, N = min(chunk, L), At.shape[0]
         n_blocks = -(-L // T)
         At2 = At * LOG2E
-        a_buf, H_buf = u.new_empty(T, batch, N, D, dtype=torch.float32), u.new_empty(T, batch, N, D, dtype=torch.float32)
+        a_buf, H_buf = (u.new_empty(T, batch, N, D, dtype=torch.float32) for _ in range(2))
         starts = a_buf.new_empty(n_blocks + 1, batch, N, D)   # state entering each block; the last = final state
         starts[0].zero_()
         out = a_buf.new_empty(batch, L, D).transpose(1, 2)    # (B, D, L) over (B, L, D) memory: rows per step
