@@ -168,21 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         "--labels", ",".join(str(i % 10) for i in range(n32)), "--out", grid16], env, logs, timings, args.from_stage)
 
     # 6. the metric, on 2 ranks like a cluster FID: the model's class-balanced samples -> Fréchet classifier
-    #    distance to the reference + the classifier's accuracy on the intended labels
-    metric_json = os.path.join(out, "metric.json")
-    record = last_json(run("metric", torchrun + [
-        "tools/fid.py", "eval", "--snapshot", snap, "--ref", ref, "--detector", f"classifier:{clf}",
-        "--num", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
-        "--batch-size", "50", "--json-out", metric_json, "--no-progress"], env_ranks, logs, timings, args.from_stage))
-    metric = record.get("metrics", record)
+    #    distance to the reference + the classifier's accuracy on the intended labels; then the same for the
+    #    16x16 pretraining snapshot, which shows what the finetune keeps (or not yet) of it
+    def evaluate(name: str, snapshot: str) -> tuple:
+        json_out = os.path.join(out, f"{name}.json")
+        record = last_json(run(name, torchrun + [
+            "tools/fid.py", "eval", "--snapshot", snapshot, "--ref", ref, "--detector", f"classifier:{clf}",
+            "--num", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
+            "--batch-size", "50", "--json-out", json_out, "--no-progress"], env_ranks, logs, timings, args.from_stage))
+        return record.get("metrics", record), json_out
+
+    metric, metric_json = evaluate("metric", snap)
+    metric16, metric16_json = evaluate("metric_pretrain_16", pre_snap)
     accuracy = metric.get("classifier_accuracy")
-    # the same metric on the 16x16 pretraining snapshot: shows what the finetune keeps (or not yet) of it
-    metric16_json = os.path.join(out, "metric_pretrain_16.json")
-    record16 = last_json(run("metric_pretrain_16", torchrun + [
-        "tools/fid.py", "eval", "--snapshot", pre_snap, "--ref", ref, "--detector", f"classifier:{clf}",
-        "--num", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
-        "--batch-size", "50", "--json-out", metric16_json, "--no-progress"], env_ranks, logs, timings, args.from_stage))
-    metric16 = record16.get("metrics", record16)
 
     if args.docs_images:
         os.makedirs(args.docs_images, exist_ok=True)
