@@ -133,9 +133,11 @@ def stage_progress(stage: Stage) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def master_port(job_id: str, restart: int) -> int:
-    """A port per job (and per restart, so a rerun never races its predecessor's socket)."""
+    """A port per job (and per restart, so a rerun never races its predecessor's socket), in [20000, 32000):
+    below Linux's ephemeral range (32768-60999), where any outgoing connection may already hold the port and
+    rank 0's rendezvous store would fail to bind while the other ranks wait."""
     digits = int(re.sub(r"\D", "", job_id) or 0)
-    return 20000 + (digits * 16 + restart) % 30000
+    return 20000 + (digits * 16 + restart) % 12000
 
 
 def distributed_env(env: submitit.JobEnvironment) -> dict:

@@ -312,6 +312,16 @@ def test_preemption_by_urgent_partition_resumes(trainer):
     assert_resumed(run_dir, log, t["total_images"], t["global_batch"], t["ckpt_every_images"])
 
 
+def test_master_port_stays_below_the_ephemeral_range():
+    spec = importlib.util.spec_from_file_location("slurm_launcher", os.path.join(REPO, "launchers", "slurm.py"))
+    launcher = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(launcher)
+    master_port = launcher.master_port
+    ports = {master_port(str(job), restart) for job in range(0, 200000, 7) for restart in range(3)}
+    assert min(ports) >= 20000 and max(ports) < 32768
+    assert master_port("31591", 0) != master_port("31591", 1) != master_port("31592", 0)
+
+
 def test_local_executor_runs_the_chain(trainer):
     out_dir = trainer["root"] / "local"
     out = launch(trainer, FT, "--local", "--tasks-per-node", "2", "--time", "10", "--set", f"out_dir={out_dir}",
