@@ -186,7 +186,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):
     return engine
 
 
-def share_zero3_master(engine) -> int:
+def share_zero3_master(engine) -> None:
     """Let ZeRO-3's fp32 master partitions be the (already fp32) parameter partitions instead of copies of them.
 
     Our parameters stay fp32 (bf16 is autocast), so ZeRO-3's "master" copy duplicates each partition: P/world
@@ -194,17 +194,14 @@ def share_zero3_master(engine) -> int:
     "we don't need another copy of the weights") but compares `tensor.device` with a device-name string, which
     is never equal in current torch, so it copies. Pointing the master at the partition's storage is what that
     branch does; the optimizer keeps its tensor objects, the post-step copy master -> partition becomes a no-op.
-    Returns the bytes freed on this rank (0 for stages 0-2 and when they are shared already).
+    Stages 0-2 have no such attributes: nothing to do.
     """
     opt = engine.optimizer
-    freed = 0
     for low, master in zip(getattr(opt, "fp16_partitioned_groups_flat", []),
                            getattr(opt, "fp32_partitioned_groups_flat", [])):
         if (low.dtype == master.dtype and low.device == master.device and low.shape == master.shape
                 and low.data_ptr() != master.data_ptr()):
-            freed += master.numel() * master.element_size()
             master.data = low.data
-    return freed
 
 
 # ------------------------------------------------------------------------------------------------

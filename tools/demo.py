@@ -158,14 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     grid32, grid64 = os.path.join(out, "grid_32.png"), os.path.join(out, "grid_64_upsampled.png")
     n32 = 10 * size["grid_per_class"]
     n64 = max(2, round(10 * size["upsample_per_class"]))
-    sample = [py, "tools/sample.py", snap, "--steps", steps, "--cfg-scale", cfg_scale, "--nrow", "10"]
-    run("grid_32", sample + ["--labels", ",".join(str(i % 10) for i in range(n32)), "--out", grid32], env, logs,
+    sample = lambda snapshot, n: [py, "tools/sample.py", snapshot, "--steps", steps, "--cfg-scale", cfg_scale,
+                                  "--nrow", "10", "--labels", ",".join(str(i % 10) for i in range(n))]
+    run("grid_32", sample(snap, n32) + ["--out", grid32], env, logs, timings, args.from_stage)
+    run("grid_64_upsampled", sample(snap, n64) + ["--upsample", "2", "--seed", "1000", "--out", grid64], env, logs,
         timings, args.from_stage)
-    run("grid_64_upsampled", sample + ["--labels", ",".join(str(i % 10) for i in range(n64)), "--upsample", "2",
-                                       "--seed", "1000", "--out", grid64], env, logs, timings, args.from_stage)
     grid16 = os.path.join(out, "grid_16_pretrain.png")                  # what the finetune starts from
-    run("grid_16_pretrain", [py, "tools/sample.py", pre_snap] + sample[3:] + [
-        "--labels", ",".join(str(i % 10) for i in range(n32)), "--out", grid16], env, logs, timings, args.from_stage)
+    run("grid_16_pretrain", sample(pre_snap, n32) + ["--out", grid16], env, logs, timings, args.from_stage)
 
     # 6. the metric, on 2 ranks like a cluster FID: the model's class-balanced samples -> Fréchet classifier
     #    distance to the reference + the classifier's accuracy on the intended labels; then the same for the

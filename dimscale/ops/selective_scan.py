@@ -156,6 +156,11 @@ class _Block:
             h_t.addcmul_(a_t, prev)
             prev = h_t
 
+    def y(self, Ck, Dv):
+        """C_t . h_t + D u_t (T, B, 1, D): the scan output before the z gate."""
+        y = _contract(Ck, self.H, "n")
+        return y if Dv is None else y.addcmul_(self.u, Dv)
+
 
 class _SelectiveScan(torch.autograd.Function):
     """The whole selective scan (softplus, scan, D skip, z gate) in blocks of T time steps.
@@ -182,9 +187,7 @@ class _SelectiveScan(torch.autograd.Function):
             s, e = k * T, min(L, k * T + T)
             blk = _Block(s, e, u, delta, At2, Bt, bias, softplus, starts[k], a_buf[:e - s], H_buf[:e - s])
             starts[k + 1].copy_(blk.H[-1])
-            y = _contract(_rows(Ct, s, e), blk.H, "n")         # (T, B, 1, D)
-            if Dv is not None:
-                y.addcmul_(blk.u, Dv)
+            y = blk.y(_rows(Ct, s, e), Dv)
             if z is not None:
                 y.mul_(F.silu(_load(z, s, e)))
             _steps(out, s, e).copy_(y)
@@ -212,10 +215,7 @@ class _SelectiveScan(torch.autograd.Function):
             gy = _load(gout, s, e)                             # dLoss/d out -> dLoss/dy (y = C . h)
             if z is not None:
                 zk = _load(z, s, e)
-                y = _contract(Ck, H, "n")
-                if Dv is not None:
-                    y.addcmul_(blk.u, Dv)
-                _steps(dz, s, e).copy_(torch.ops.aten.silu_backward(gy * y, zk))
+                _steps(dz, s, e).copy_(torch.ops.aten.silu_backward(gy * blk.y(Ck, Dv), zk))
                 gy.mul_(F.silu(zk))
             gu = gy * Dv if Dv is not None else torch.zeros_like(gy)
             if Dv is not None:
