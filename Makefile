@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 PIP      = $(VENV)/bin/pip -q
 PYTHON   = $(VENV)/bin/python
-APT_PKGS = dataset-fashion-mnist mate-backgrounds
+APT_PKGS = dataset-fashion-mnist mate-backgrounds gcc libc6-dev
 
 .PHONY: setup apt test demo cluster-up cluster-down clean
 

@@ -33,7 +33,7 @@ class ModelConfig:
     num_classes: int = 1000          # null class id for CFG = num_classes
     pad_mode: str = "lateral"        # 'lateral' (official 256) | 'rho_pad' (official 512 / upsampling)
     mixer: str = "mamba"             # 'mamba' | 'attention' (matched transformer baseline)
-    scan_backend: str = "auto"       # 'auto' | 'cuda' (mamba-ssm kernels) | 'chunked' | 'ref'
+    scan_backend: str = "auto"       # "auto" | "cuda" (mamba-ssm kernels) | "cpu" (compiled C kernel) | "chunked" | "ref"
     grad_checkpointing: bool = False
 
 
@@ -201,7 +201,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     choices = {
         "model.pad_mode": (m.pad_mode, ("lateral", "rho_pad")),
         "model.mixer": (m.mixer, ("mamba", "attention")),
-        "model.scan_backend": (m.scan_backend, ("auto", "cuda", "chunked", "ref")),
+        "model.scan_backend": (m.scan_backend, ("auto", "cuda", "cpu", "chunked", "ref")),
         "data.latent": (d.latent, ("none", "moments", "online")),
         "train.precision": (t.precision, ("bf16", "fp32")),
         "train.wandb": (t.wandb, ("online", "offline", "off")),

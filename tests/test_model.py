@@ -8,6 +8,7 @@ from dimscale.config import ModelConfig
 from dimscale.models import MODEL_ZOO, Mamba, adapt_state_dict, build_model
 from dimscale.models.dim import unpatchify
 from dimscale.models.layout import SCAN_ORDERS, pad_layout, relative_permutation, scan_chain, scan_order
+from dimscale.ops import scan_cpu
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,12 +191,20 @@ def test_attention_mixer_runs_the_same_skeleton():
     assert out.shape == x.shape and attn.blocks[0].mixer.qkv.weight.grad is not None
 
 
-def test_ref_backend_weights_load_into_chunked_backend_unchanged():
-    ref, fast = tiny(scan_backend="ref").eval(), tiny(scan_backend="chunked").eval()
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_ref_backend_weights_load_into_fast_backends_unchanged(backend):
+    """Same weights, same outputs and parameter gradients through the reference and each fast CPU scan."""
+    if backend == "cpu" and not scan_cpu.available():
+        pytest.skip("no C compiler: the CPU kernel cannot be built here")
+    ref, fast = tiny(scan_backend="ref"), tiny(scan_backend=backend)
     fast.load_state_dict(ref.state_dict())
     x, t, y = inputs(2, 16, 12)
-    with torch.no_grad():
-        assert torch.allclose(ref(x, t, y), fast(x, t, y), atol=1e-5)
+    outs = [m(x, t, y) for m in (ref, fast)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for m, out in zip((ref, fast), outs):
+        out.square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -1,4 +1,5 @@
-"""Selective scan (Mamba-1 S6) on any device: naive reference, fast two-level CPU scan, CUDA dispatch.
+"""Selective scan (Mamba-1 S6) on any device: naive reference, pure-PyTorch blocked scan, dispatch to the
+compiled CPU kernel (`scan_cpu`) and to mamba-ssm's CUDA kernels.
 
 Semantics are those of mamba-ssm's `selective_scan_ref` (mamba_ssm/ops/selective_scan_interface.py), for real A:
     delta' = softplus(delta + delta_bias)                       (if delta_softplus)
@@ -13,6 +14,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from dimscale.ops import scan_cpu
 
 
 def _check(u, delta, A, B, C):
@@ -292,23 +295,32 @@ def cuda_kernels():
 
 
 def resolve_backend(backend, device):
-    """'auto' -> 'cuda' on CUDA tensors with mamba-ssm importable, else 'chunked'; checks explicit choices."""
-    if backend not in ("auto", "cuda", "chunked", "ref"):
-        raise ValueError(f"scan backend '{backend}' is not one of auto, cuda, chunked, ref")
-    is_cuda = torch.device(device).type == "cuda"
+    """'auto' -> 'cuda' on CUDA tensors with mamba-ssm importable, 'cpu' (the compiled kernel) on CPU where it
+    builds, else 'chunked' (pure PyTorch); explicit choices are checked."""
+    if backend not in ("auto", "cuda", "cpu", "chunked", "ref"):
+        raise ValueError(f"scan backend '{backend}' is not one of auto, cuda, cpu, chunked, ref")
+    dev = torch.device(device).type
     if backend == "auto":
-        return "cuda" if is_cuda and cuda_kernels() else "chunked"
-    if backend == "cuda" and not (is_cuda and cuda_kernels()):
+        if dev == "cuda" and cuda_kernels():
+            return "cuda"
+        return "cpu" if dev == "cpu" and scan_cpu.available() else "chunked"
+    if backend == "cuda" and not (dev == "cuda" and cuda_kernels()):
         raise RuntimeError("scan backend 'cuda' needs CUDA tensors and mamba-ssm (pip install 'dimscale[cuda]'); "
                            "use model.scan_backend=auto or chunked on this machine")
+    if backend == "cpu" and not (dev == "cpu" and scan_cpu.available()):
+        raise RuntimeError("scan backend 'cpu' needs CPU tensors and a C compiler to build the kernel "
+                           "(apt-get install gcc, or set CC); use model.scan_backend=auto or chunked")
     return backend
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, backend="auto"):
-    """Selective scan through the backend chosen by `resolve_backend` (same arguments as mamba-ssm's)."""
+    """Selective scan through the backend chosen by `resolve_backend` (same arguments as mamba-ssm's). The CPU
+    kernel covers Mamba-1's case (real A, variable ungrouped B and C); other cases take the chunked scan."""
     backend = resolve_backend(backend, u.device)
     if backend == "cuda":
         return cuda_kernels()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
+    if backend == "cpu" and not scan_cpu.supports(u, A, B, C):
+        backend = "chunked"
+    fn = {"ref": selective_scan_ref, "cpu": scan_cpu.selective_scan_cpu, "chunked": selective_scan_chunked}[backend]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

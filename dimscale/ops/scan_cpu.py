@@ -1,0 +1,152 @@
+"""Compiled CPU selective scan: `csrc/selective_scan_cpu.c`, built on first use with the system C compiler.
+
+mamba-ssm ships CUDA kernels only. On CPU the scan is the bulk of DiM's training step (~65% with the
+pure-PyTorch `selective_scan_chunked`, whose time goes to per-step dispatch and unfused elementwise
+passes), so this fused C loop is the default CPU path. It is built once per machine, cached under
+`$DIMSCALE_CACHE` (default `~/.cache/dimscale`), and loaded with ctypes: no Python headers, ninja or
+torch headers are needed, only `cc`. Without a compiler `available()` is False and dispatch keeps the
+pure-PyTorch scan, which computes the same thing (tests compare both with `selective_scan_ref`).
+
+The kernel does the whole of `selective_scan_ref` (real A, variable B and C) forward and backward;
+the delta bias and softplus, the D skip and the z gate are fused in too (so the wrapper adds no full-size passes).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11"]
+LANES = 32        # channels per tile in the kernel (its W)
+BLOCK = 64        # time steps per recomputed block in the backward (~128 KiB of states and decays per tile)
+MAX_STATE = 64    # d_state the kernel's per-tile constants have room for (Mamba-1 uses 16)
+LOG2E = 1.4426950408889634
+
+_LIB = None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the kernel built on one CPU may not run on another."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def _build() -> Path:
+    """Compile the kernel into the cache (atomically: concurrent ranks may build at once) and return its path."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS]).encode() + _cpu_id().encode()).hexdigest()
+    cache = Path(os.environ.get("DIMSCALE_CACHE", Path.home() / ".cache" / "dimscale")) / "kernels"
+    lib = cache / f"selective_scan_cpu-{key[:16]}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lpthread"], check=True, capture_output=True,
+                           text=True)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+def _load():
+    """The ctypes library, or False when it cannot be built here (warned once, with the fix)."""
+    global _LIB
+    if _LIB is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.scan_forward.argtypes = [i64] * 5 + [ctypes.c_int] * 2 + [ptr] * 10
+            lib.scan_backward.argtypes = [i64] * 5 + [ctypes.c_int] * 2 + [ptr] * 19
+            lib.scan_forward.restype = lib.scan_backward.restype = None
+            _LIB = lib
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            warnings.warn(f"the compiled CPU selective scan could not be built ({detail.strip()[:300]}); using the "
+                          "slower pure-PyTorch scan. Fix: install a C compiler (apt-get install gcc) or set CC.")
+            _LIB = False
+    return _LIB or None
+
+
+def available() -> bool:
+    """True when the kernel is built (or builds now) and loads."""
+    return _load() is not None
+
+
+def supports(u, A, B, C) -> bool:
+    """The kernel's case: CPU tensors, real A with d_state <= MAX_STATE, variable ungrouped B and C (B, N, L),
+    as Mamba-1 and DiM use."""
+    return (u.device.type == "cpu" and not A.is_complex() and A.dim() == 2 and A.shape[1] <= MAX_STATE
+            and B.dim() == 3 and C.dim() == 3)
+
+
+def _ptr(x):
+    return None if x is None else ctypes.c_void_p(x.data_ptr())
+
+
+def _threads(D: int) -> int:
+    """Intra-op threads, at most one per tile of channels (and 256, the kernel's cap)."""
+    return max(1, min(torch.get_num_threads(), -(-D // LANES), 256))
+
+
+class _Scan(torch.autograd.Function):
+    """The whole scan in the kernel. u, delta, z: (batch, L, D); A: (N, D); B, C: (batch, L, N); D, bias: (D,);
+    all fp32 contiguous, the optional ones None. Returns out (batch, L, D) and the last state (batch, N, D)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bv, Cv, Dv, z, bias, softplus):
+        batch, L, D = u.shape
+        N = A.shape[0]
+        A2 = (A * LOG2E).contiguous()
+        out = torch.empty_like(u)
+        states = u.new_empty(batch, -(-L // BLOCK) + 1, N, D)   # state entering each block; the last = final
+        _load().scan_forward(batch, L, D, N, BLOCK, _threads(D), int(softplus),
+                             *map(_ptr, (u, delta, bias, A2, Bv, Cv, Dv, z, out, states)))
+        ctx.save_for_backward(u, delta, bias, A2, Bv, Cv, Dv, z, states)
+        ctx.softplus = softplus
+        return out, states[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, gout, glast):
+        u, delta, bias, A2, Bv, Cv, Dv, z, states = ctx.saved_tensors
+        batch, L, D = u.shape
+        N, threads = A2.shape[0], _threads(D)
+        gout = gout.contiguous()
+        glast = None if glast is None else glast.contiguous()
+        gu, gdelta, gA = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A2)
+        gB, gC = (u.new_zeros(threads, batch, L, N) for _ in range(2))   # per-thread partial sums over D
+        gD, gz, gbias = (None if x is None else torch.empty_like(x) for x in (Dv, z, bias))
+        _load().scan_backward(batch, L, D, N, BLOCK, threads, int(ctx.softplus),
+                              *map(_ptr, (u, delta, bias, A2, Bv, Cv, Dv, z, states, gout, glast,
+                                          gu, gdelta, gA, gB, gC, gD, gz, gbias)))
+        return gu, gdelta, gA, gB.sum(0), gC.sum(0), gD, gz, gbias, None
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """Same result as `selective_scan_ref` for `supports(...)` inputs, through the compiled kernel."""
+    if not supports(u, A, B, C):
+        raise ValueError("the CPU scan kernel takes CPU tensors, real (d_inner, d_state<=64) A and (batch, d_state, L) "
+                         f"B and C; got A {tuple(A.shape)}, B {tuple(B.shape)}; use selective_scan_fn, which falls back")
+    # (B, D, L) arguments as (B, L, D): free for Mamba's layout, whose projections are (B, L, D) in memory
+    bld = lambda x: None if x is None else x.float().transpose(1, 2).contiguous()
+    vec = lambda x: None if x is None else x.float().contiguous()
+    with torch.autocast(device_type="cpu", enabled=False):     # the SSM runs in fp32 (Mamba README)
+        out, last = _Scan.apply(bld(u), bld(delta), A.float().t().contiguous(), bld(B), bld(C), vec(D), bld(z),
+                                vec(delta_bias), bool(delta_softplus))
+    out = out.transpose(1, 2).to(u.dtype)                       # (B, D, L), in u's dtype as the reference
+    return (out, last.transpose(1, 2)) if return_last_state else out
