@@ -45,6 +45,7 @@ class DiffusionConfig:
     beta_end: float = 0.012
     bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (§3.1)
     p_uncond: float = 0.1            # label -> null class probability (CFG training, §1.10)
+    min_snr_gamma: float = 0.0       # > 0: Min-SNR-γ loss weights (not in the paper; faster convergence); 0 = LSimple
     sampler: str = "dpm++"           # 'dpm++' | 'ddim'
     sample_steps: int = 50
     cfg_scale: float = 0.4           # U-ViT form eps = eps_c + s (eps_c - eps_u); DiT's w = 1 + s
@@ -214,6 +215,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         raise ConfigError(f"train.zero_stage = {t.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2 or 3")
     if not 0.0 <= dif.p_uncond < 1.0:
         raise ConfigError(f"diffusion.p_uncond = {dif.p_uncond} must be in [0, 1)")
+    if dif.min_snr_gamma < 0:
+        raise ConfigError(f"diffusion.min_snr_gamma = {dif.min_snr_gamma} must be >= 0 (0 turns Min-SNR weighting off)")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay = {t.ema_decay} must be in (0, 1)")
     for key in ("total_images", "global_batch", "micro_batch"):

@@ -450,7 +450,8 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
                 x0 = inputs(batch["x"], noise_gen)
                 y = drop_labels(batch["y"].to(device), cfg.diffusion.p_uncond, null_class, noise_gen)
                 loss = training_loss(engine, x0, y, schedule, generator=noise_gen,
-                                     bf16_timesteps=cfg.diffusion.bf16_timesteps)
+                                     bf16_timesteps=cfg.diffusion.bf16_timesteps,
+                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
                 loss = maybe_inject_nonfinite(loss, state)
                 finite = torch.isfinite(loss.detach()).float().reshape(1)  # on the device: nccl needs CUDA tensors
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks drop a bad micro-batch together

@@ -86,6 +86,23 @@ def test_training_loss_uses_integer_steps_and_alphas_cumprod_index():
     assert loss0.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
 
 
+def test_min_snr_weights_each_image_by_min_snr_gamma_over_snr():
+    """Min-SNR-γ (off by default): the per-image MSE times min(SNR_n, γ) / SNR_n for the drawn step n."""
+    x0 = torch.randn(256, 1, 2, 2)
+    zero = lambda x, t, y: torch.zeros_like(x)
+    g = torch.Generator().manual_seed(5)
+    n = torch.randint(1, 1001, (256,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    snr = S.snr[n - 1]
+    want = (noise.pow(2).flatten(1).mean(1) * snr.clamp(max=5.0) / snr).mean()
+    got = training_loss(zero, x0, None, S, generator=torch.Generator().manual_seed(5), min_snr_gamma=5.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    plain = training_loss(zero, x0, None, S, generator=torch.Generator().manual_seed(5))
+    assert got.item() < 0.95 * plain.item()              # low-noise steps (SNR > 5) count less
+    huge = training_loss(zero, x0, None, S, generator=torch.Generator().manual_seed(5), min_snr_gamma=1e9)
+    assert huge.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_bf16_timesteps_option_rounds_only_the_network_input():
     seen = []
     model = lambda x, t, y: seen.append(t.clone()) or torch.zeros_like(x)

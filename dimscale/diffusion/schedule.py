@@ -80,11 +80,14 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Gen
 
 
 def training_loss(model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
-                  generator: torch.Generator | None = None, bf16_timesteps: bool = False) -> torch.Tensor:
+                  generator: torch.Generator | None = None, bf16_timesteps: bool = False,
+                  min_snr_gamma: float = 0.0) -> torch.Tensor:
     """ε-prediction MSE (LSimple, §3.1): n ~ U{1..T}, loss = mean over all elements of (ε - ε_θ(x_n, n, y))².
 
     bf16_timesteps replicates the official quirk: `Schedule.sample` returns n in x0's dtype (bf16), so the
     network sees n rounded to steps of 2 above 256 and of 4 above 512; x_n itself uses the exact n. Off by default.
+    min_snr_gamma > 0 weights each image's loss by min(SNR_n, γ) / SNR_n (Min-SNR-γ, Hang et al. 2023, eq. 9
+    for ε-prediction): less weight on the nearly clean steps, which converges faster. 0 = LSimple, as the paper.
     """
     B = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
@@ -95,4 +98,8 @@ def training_loss(model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
     if bf16_timesteps:
         t = t.to(torch.bfloat16).float()
     eps = model(x_n, t, y)
-    return (eps.float() - noise.float()).pow(2).mean()
+    per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)        # (B,)
+    if min_snr_gamma > 0:
+        snr = schedule.snr.to(x0.device)[n.long() - 1]
+        per_image = per_image * snr.clamp(max=min_snr_gamma) / snr
+    return per_image.mean()
