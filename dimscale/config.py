@@ -43,6 +43,7 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    noise_shift: float = 1.0         # SNR_n / shift² (resolution shift, not in the paper): 2 = a 2x finetune's
     bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (§3.1)
     p_uncond: float = 0.1            # label -> null class probability (CFG training, §1.10)
     min_snr_gamma: float = 0.0       # > 0: Min-SNR-γ loss weights (not in the paper; faster convergence); 0 = LSimple
@@ -215,6 +216,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         raise ConfigError(f"train.zero_stage = {t.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2 or 3")
     if not 0.0 <= dif.p_uncond < 1.0:
         raise ConfigError(f"diffusion.p_uncond = {dif.p_uncond} must be in [0, 1)")
+    if dif.noise_shift <= 0:
+        raise ConfigError(f"diffusion.noise_shift = {dif.noise_shift} must be > 0 (1 = the paper's schedule)")
     if dif.min_snr_gamma < 0:
         raise ConfigError(f"diffusion.min_snr_gamma = {dif.min_snr_gamma} must be >= 0 (0 turns Min-SNR weighting off)")
     if not 0.0 < t.ema_decay < 1.0:

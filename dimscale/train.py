@@ -14,6 +14,7 @@ snapshots/latest (EMA, loadable without DeepSpeed), samples/*.png. Exit codes: 0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -292,7 +293,7 @@ def write_samples(cfg: RunConfig, ema_state: dict, images_seen: int, device: tor
     dif = cfg.diffusion
     x = sample(model, labels, (cfg.model.in_channels, side, side), sampler=dif.sampler, steps=dif.sample_steps,
                cfg_scale=dif.cfg_scale, seeds=list(range(n)),
-               schedule=Schedule(dif.num_timesteps, dif.beta_start, dif.beta_end), device=device)
+               schedule=Schedule.from_config(dif), device=device)
     if cfg.data.latent != "none":
         from dimscale.diffusion.vae import decode, load_vae
         x = decode(load_vae(cfg.data.vae_path, device), x, cfg.data.vae_scale)
@@ -410,7 +411,7 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
     elif cfg.init.snapshot and rank == 0:
         print(f"[{cfg.name}] initialised from snapshot {cfg.init.snapshot}", flush=True)
 
-    schedule = Schedule(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    schedule = Schedule.from_config(cfg.diffusion)
     inputs = Inputs(cfg, device)
     null_class = engine.module.null_class
     accumulation = engine.gradient_accumulation_steps()
@@ -426,7 +427,8 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
             d = cfg.data
             meta = {"data": {"resolution": d.resolution, "latent": d.latent, "vae_scale": d.vae_scale,
                              "vae_path": d.vae_path, "channels": cfg.model.in_channels},
-                    "images_seen": state["images_seen"], "run": cfg.name}
+                    "diffusion": dataclasses.asdict(cfg.diffusion), "images_seen": state["images_seen"],
+                    "run": cfg.name}
             save_snapshot(os.path.join(snap_dir, "latest"), ema.state_dict(engine.module), cfg.model, meta)
 
     def crossed(every: int, before: int) -> bool:

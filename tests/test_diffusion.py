@@ -86,6 +86,19 @@ def test_training_loss_uses_integer_steps_and_alphas_cumprod_index():
     assert loss0.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
 
 
+def test_noise_shift_divides_snr_and_is_read_from_configs():
+    """noise_shift k: SNR_n / k² at every step (1 = the paper's schedule), from a config object or a snapshot dict."""
+    from dimscale.config import DiffusionConfig
+    shifted = Schedule.from_config({"noise_shift": 2.0})
+    assert torch.allclose(shifted.snr, S.snr / 4, rtol=1e-10)
+    assert torch.equal(Schedule.from_config(DiffusionConfig(noise_shift=2.0)).alphas_cumprod, shifted.alphas_cumprod)
+    assert torch.equal(Schedule.from_config({}).alphas_cumprod, S.alphas_cumprod)
+    t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
+    assert torch.allclose(shifted.t_of_lam(shifted.lam(t)), t, atol=1e-9)   # the samplers' continuous view agrees
+    with pytest.raises(ValueError, match="noise_shift > 0"):
+        Schedule(noise_shift=0)
+
+
 def test_min_snr_weights_each_image_by_min_snr_gamma_over_snr():
     """Min-SNR-γ (off by default): the per-image MSE times min(SNR_n, γ) / SNR_n for the drawn step n."""
     x0 = torch.randn(256, 1, 2, 2)

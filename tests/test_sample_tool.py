@@ -90,7 +90,7 @@ def test_snapshot_written_by_the_trainer(tmp_path):
     sets = {"data.shards": fmnist_shards(), "out_dir": str(tmp_path), "name": "t", "data.resolution": 8,
             "model.input_size": 8, "data.num_workers": 0, "train.total_images": 32, "train.global_batch": 16,
             "train.micro_batch": 16, "train.warmup_images": 0, "train.snapshot_every_images": 32,
-            "train.ckpt_every_images": 0, "train.sample_every_images": 0}
+            "train.ckpt_every_images": 0, "train.sample_every_images": 0, "diffusion.noise_shift": 2}
     cmd = [sys.executable, "dimscale/train.py", "--config", str(CONFIG)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -105,3 +105,13 @@ def test_snapshot_written_by_the_trainer(tmp_path):
         arr = np.load(npz)["arr_0"]
         assert arr.shape == (4, side, side, channels) and len({a.tobytes() for a in arr}) == 4
         assert Image.open(tmp_path / f"g{m}.png").size == (2 + 2 * (side + 2),) * 2
+    # the snapshot records its noise schedule and sampling uses it: without the record, other samples
+    import shutil
+    meta = json.loads((tmp_path / "t" / "snapshots" / "latest" / "snapshot.json").read_text())
+    assert meta["diffusion"]["noise_shift"] == 2
+    plain = tmp_path / "plain"
+    shutil.copytree(snap, plain)
+    (plain / "snapshot.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "diffusion"}))
+    assert main([str(plain), "--num", "4", "--steps", "4", "--out", str(tmp_path / "p.png"),
+                 "--npz", str(tmp_path / "p.npz"), "--cfg-scale", str(meta["diffusion"]["cfg_scale"])]) == 0
+    assert not np.array_equal(np.load(tmp_path / "p.npz")["arr_0"], np.load(tmp_path / "s1.npz")["arr_0"])

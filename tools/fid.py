@@ -186,7 +186,7 @@ def generated_batches(args, rank: int, world: int, device, proto: dict):
     else:   # the same draw as tools/sample.py: randint over all N from --seed, then sliced per batch
         labels = torch.randint(0, num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed))
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else diff.get("cfg_scale", 0.4)
-    schedule = Schedule(diff.get("num_timesteps", 1000), diff.get("beta_start", 0.00085), diff.get("beta_end", 0.012))
+    schedule = Schedule.from_config(diff)
     proto.update(checkpoint=os.path.abspath(args.snapshot),
                  checkpoint_sha256=sha256_file(os.path.join(args.snapshot, "ema.safetensors")),
                  images_seen=meta.get("images_seen"), model=mcfg.get("name"), sampler=args.sampler,

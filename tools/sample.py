@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
         sys.exit(f"--labels must be class ids in [0, {num_classes}); got {args.labels!r}")
     seeds = [args.seed + i for i in range(len(labels))]
-    schedule = Schedule(diff.get("num_timesteps", 1000), diff.get("beta_start", 0.00085), diff.get("beta_end", 0.012))
+    schedule = Schedule.from_config(diff)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else diff.get("cfg_scale", 0.4)
 
     images = []

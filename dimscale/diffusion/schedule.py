@@ -20,21 +20,29 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 class Schedule:
     """SD 'scaled-linear' betas, β_n = linspace(√β_start, √β_end, T)² (train_ldm_discrete.py L23), in float64."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-        if num_timesteps < 2 or not 0.0 < beta_start < beta_end < 1.0:
-            raise ValueError(f"Schedule(num_timesteps={num_timesteps}, beta_start={beta_start}, beta_end={beta_end}): "
-                             f"need num_timesteps >= 2 and 0 < beta_start < beta_end < 1")
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 noise_shift: float = 1.0):
+        if num_timesteps < 2 or not 0.0 < beta_start < beta_end < 1.0 or noise_shift <= 0:
+            raise ValueError(f"Schedule(num_timesteps={num_timesteps}, beta_start={beta_start}, beta_end={beta_end}, "
+                             f"noise_shift={noise_shift}): need num_timesteps >= 2, 0 < beta_start < beta_end < 1 "
+                             f"and noise_shift > 0")
         self.num_timesteps = T = num_timesteps
+        self.noise_shift = noise_shift
         self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)          # [n - 1] -> ᾱ_n
+        abar = torch.cumprod(1.0 - self.betas, dim=0)
+        # resolution shift (not in the paper; Hoogeboom et al. 2023 "simple diffusion" §3.1, SD3 §5.3.2):
+        # SNR_n / shift², so a model at k times the resolution sees the noise level of its pretraining at step n
+        self.alphas_cumprod = abar / (abar + noise_shift ** 2 * (1.0 - abar))  # [n - 1] -> ᾱ_n
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)          # [n - 1] -> SNR_n, decreasing
         self.t_knots = torch.arange(1, T + 1, dtype=torch.float64) / T        # t_n = n / T
         self.log_alpha_knots = 0.5 * torch.log(self.alphas_cumprod)           # log α at t_n
 
     @classmethod
     def from_config(cls, cfg) -> "Schedule":
-        """Build from a DiffusionConfig (or anything with num_timesteps, beta_start, beta_end)."""
-        return cls(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+        """Build from a DiffusionConfig, or the `diffusion` dict a snapshot records (defaults for missing keys)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+        return cls(get("num_timesteps", 1000), get("beta_start", 0.00085), get("beta_end", 0.012),
+                   get("noise_shift", 1.0))
 
     # ---- continuous time t in [1/T, 1], as DPM-Solver's NoiseScheduleVP('discrete') ----
 
