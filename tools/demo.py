@@ -38,7 +38,7 @@ STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "gr
 
 # Sizes of the two modes; everything not listed here comes from the demo configs.
 FULL = dict(shard_limit=0, clf_limit=0, clf_epochs=2, pretrain_images=None, finetune_images=None,
-            grid_per_class=2, upsample_per_class=1, metric_samples=100, ref_images=10000, steps=None)
+            grid_per_class=2, upsample_per_class=1, metric_samples=200, ref_images=10000, steps=None)
 SMALL = dict(shard_limit=2000, clf_limit=2000, clf_epochs=1, pretrain_images=256, finetune_images=128,
              grid_per_class=1, upsample_per_class=0.2, metric_samples=20, ref_images=500, steps=4)
 

@@ -98,6 +98,7 @@ static void stage(float *dst, const float *src, const Args *a, int64_t b, int64_
     }
 }
 
+/* The inverse of stage: the first wn lanes of src (T, W) into rows s..e of a (Bt, L, D) tensor. */
 static void unstage(float *dst, const float *src, const Args *a, int64_t b, int64_t s, int64_t e, int64_t d0,
                     int64_t wn) {
     for (int64_t t = s; t < e; t++) memcpy(dst + (b * a->L + t) * a->D + d0, src + (t - s) * W, wn * sizeof(float));
