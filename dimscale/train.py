@@ -130,6 +130,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
         "steps_per_print": 10**9,  # our own status line replaces DeepSpeed's
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": t.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              "overlap_comm": True,   # ZeRO-2: fewer per-step stalls (bench train 0.87-0.91 -> 0.91-0.95)
                               "stage3_prefetch_bucket_size": bucket,
                               # tiny debug models: partition every parameter so ZeRO-3 is really exercised
                               "stage3_param_persistence_threshold": 0 if t.zero_stage == 3 else 10**5},
