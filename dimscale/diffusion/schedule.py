@@ -27,7 +27,6 @@ class Schedule:
                              f"noise_shift={noise_shift}): need num_timesteps >= 2, 0 < beta_start < beta_end < 1 "
                              f"and noise_shift > 0")
         self.num_timesteps = T = num_timesteps
-        self.noise_shift = noise_shift
         self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
         abar = torch.cumprod(1.0 - self.betas, dim=0)
         # resolution shift (not in the paper; Hoogeboom et al. 2023 "simple diffusion" §3.1, SD3 §5.3.2):

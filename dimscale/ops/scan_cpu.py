@@ -22,13 +22,14 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11"]
 LANES = 32        # channels per tile in the kernel (its W)
 BLOCK = 64        # time steps per recomputed block in the backward (~128 KiB of states and decays per tile)
 MAX_STATE = 64    # d_state the kernel's per-tile constants have room for (Mamba-1 uses 16)
+# the kernel's compile-time sizes come from here, so Python and C cannot disagree
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=gnu11",
+          f"-DLANES={LANES}", f"-DMAX_STATE={MAX_STATE}"]
 LOG2E = 1.4426950408889634
 
 _LIB = None

@@ -20,7 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define W 32
+#if !defined(LANES) || !defined(MAX_STATE)
+#error "build with -DLANES=... -DMAX_STATE=... (dimscale/ops/scan_cpu.py sets them)"
+#endif
+#define W LANES
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -74,8 +77,7 @@ typedef struct {
 typedef struct { const Args *a; int id; } Job;
 
 /* A tile's per-channel constants, zero padded to W lanes: A2 and A (N, W), bias and D (W). */
-#define MAX_STATE 64   /* d_state; the caller checks it */
-typedef struct { float A2[MAX_STATE * W], A[MAX_STATE * W], bias[W], D[W]; } Tile;
+typedef struct { float A2[MAX_STATE * W], A[MAX_STATE * W], bias[W], D[W]; } Tile;   /* N <= MAX_STATE: the caller checks */
 
 static void load_tile(Tile *c, const Args *a, int64_t d0, int64_t wn) {
     for (int w = 0; w < W; w++) {
