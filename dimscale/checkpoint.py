@@ -9,16 +9,21 @@ run_dir/checkpoints/
     latest -> img000000012800 a symlink, swapped with os.replace: a reader sees the old or the new one, never half
     tmp-img000000025600/      a write in progress (or killed mid-way); ignored, and removed at the next start
 
-A kill at any moment leaves `latest` pointing at a complete checkpoint (tests/test_train_resume.py).
+A kill at any moment leaves `latest` pointing at a complete checkpoint (tests/test_train_dist.py kills runs
+mid-step and mid-write). DeepSpeed's own files are loaded with weights_only=True (`weights_only_loads`), so a
+crafted pickle in a checkpoint folder cannot run code on resume.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
-import time
+import socket
 
 import numpy as np
 import torch
@@ -74,40 +79,65 @@ def set_rng_state(state: dict) -> None:
 # Save / load
 # ------------------------------------------------------------------------------------------------
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says why and that the previous one is intact."""
+
+
 def save(engine, ckpt_dir: str, images_seen: int, trainer_state: dict, rank_state: dict,
          ema_state: dict, keep: int) -> str:
     """Write a checkpoint on every rank (collective) and make it `latest`; returns its folder."""
     rank = dist.get_rank()
     name = checkpoint_name(images_seen)
-    tmp_tag = "tmp-" + name
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"images_seen": images_seen}, save_latest=False)
-    tmp = os.path.join(ckpt_dir, tmp_tag)
-    torch.save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
-    if rank == 0:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema_state.items()},
-                  os.path.join(tmp, "ema.safetensors"))
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({**trainer_state, "images_seen": images_seen, "world_size": dist.get_world_size()}, f)
-    pause = os.environ.get("DIMSCALE_TEST_PAUSE_IN_CKPT_WRITE")  # test hook 'IMAGES:SECONDS': widen the kill window
-    if pause and int(pause.split(":")[0]) == images_seen:
-        time.sleep(float(pause.split(":")[1]))
+    tmp = os.path.join(ckpt_dir, "tmp-" + name)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag="tmp-" + name, client_state={"images_seen": images_seen},
+                               save_latest=False)
+        torch.save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
+        if rank == 0:
+            save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema_state.items()},
+                      os.path.join(tmp, "ema.safetensors"))
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump({**trainer_state, "images_seen": images_seen, "world_size": dist.get_world_size()}, f)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(_write_failure(ckpt_dir, tmp, e)) from None
     dist.barrier()  # every rank's files are on disk before the checkpoint is published
     final = os.path.join(ckpt_dir, name)
     if rank == 0:
-        missing = [r for r in range(dist.get_world_size()) if not os.path.isfile(os.path.join(tmp, f"rank{r:05d}.pt"))]
-        if missing:
-            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} wrote no state; "
-                               f"is {ckpt_dir} on a filesystem all nodes share?")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        link_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
-        if os.path.lexists(link_tmp):
-            os.remove(link_tmp)
-        os.symlink(name, link_tmp)
-        os.replace(link_tmp, os.path.join(ckpt_dir, LATEST))  # the atomic publish
+        publish(ckpt_dir, tmp, name)
         _prune(ckpt_dir, keep, name)
     dist.barrier()
     return final
+
+
+def _write_failure(ckpt_dir: str, tmp: str, e: Exception) -> str:
+    """One line for a failed checkpoint write; torch.save reports a full disk as 'basic_ios::clear: iostream error'."""
+    shutil.rmtree(tmp, ignore_errors=True)   # frees what the partial write took; it was never published
+    previous = latest_path(ckpt_dir) or "none yet"
+    free = shutil.disk_usage(ckpt_dir).free
+    full = getattr(e, "errno", None) == errno.ENOSPC or "iostream error" in str(e) or free < 64 * 2**20
+    if full:
+        return (f"the disk holding {ckpt_dir} is full ({free / 2**20:.0f} MiB free): the checkpoint could not be "
+                f"written. The previous checkpoint ({previous}) is intact; free space (or lower "
+                f"train.keep_checkpoints) and rerun the same command to resume from it")
+    return (f"writing a checkpoint in {ckpt_dir} failed ({type(e).__name__}: {e}); the previous checkpoint "
+            f"({previous}) is intact; fix the cause and rerun the same command to resume from it")
+
+
+def publish(ckpt_dir: str, tmp: str, name: str) -> None:
+    """Rank 0: move the complete write into place and point `latest` at it with one atomic rename."""
+    world = dist.get_world_size()
+    missing = [r for r in range(world) if not os.path.isfile(os.path.join(tmp, f"rank{r:05d}.pt"))]
+    if missing:
+        raise RuntimeError(f"checkpoint {tmp}: ranks {missing} wrote no state; "
+                           f"is {ckpt_dir} on a filesystem all nodes share?")
+    final = os.path.join(ckpt_dir, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    link_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
+    if os.path.lexists(link_tmp):
+        os.remove(link_tmp)
+    os.symlink(name, link_tmp)
+    os.replace(link_tmp, os.path.join(ckpt_dir, LATEST))  # the atomic publish
 
 
 def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
@@ -129,9 +159,75 @@ def load_latest(engine, ckpt_dir: str):
     if trainer_state["world_size"] != world:
         raise ValueError(f"checkpoint {path} was written by {trainer_state['world_size']} ranks but this run has "
                            f"{world}; resume with the same number of ranks (or start a new run name)")
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(path))
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(path))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank():05d}.pt"), map_location="cpu",
                             weights_only=True)
     return trainer_state, rank_state, load_file(os.path.join(path, "ema.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Safety: no pickle runs on resume, and one trainer per run folder
+# ------------------------------------------------------------------------------------------------
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed writes into its checkpoint files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on files of every ZeRO stage)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside, DeepSpeed's included (they pass weights_only=False), runs with weights_only=True:
+    tensors, containers and the few DeepSpeed types above load; any other pickled object is refused."""
+    real_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    except Exception as e:  # noqa: BLE001 — name the refusal instead of a pickle traceback
+        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+            raise ValueError(f"refusing to load a checkpoint file that holds pickled code or objects other than "
+                             f"tensors ({str(e).splitlines()[0]}); the checkpoint folder was tampered with or is "
+                             f"not dimscale's: delete it or move it away") from None
+        raise
+    finally:
+        torch.load = real_load
+
+
+class RunLock:
+    """An exclusive lock on the run folder, held by rank 0 while it trains and released by the kernel when the
+    process dies, so two trainers never write the same checkpoints."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "trainer.lock")
+        self.fd = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else who holds it ('pid N on host H')."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the flock
+            self.fd = None

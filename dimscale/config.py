@@ -52,6 +52,10 @@ class DiffusionConfig:
     cfg_scale: float = 0.4           # U-ViT form eps = eps_c + s (eps_c - eps_u); DiT's w = 1 + s
 
 
+VAE_SCALE = 0.18215   # SD's latent scale factor: z = 0.18215 · (μ + σ ε) (docs/reference.md §3.3)
+VAE_FACTOR = 8        # SD's KL-f8 autoencoder: one latent pixel per 8x8 image pixels
+
+
 @dataclass
 class DataConfig:
     """Where the training images come from and how they become model inputs."""
@@ -59,7 +63,7 @@ class DataConfig:
     resolution: int = 256            # image side in pixels at which this stage trains
     latent: str = "none"             # 'none' (pixel space) | 'moments' (VAE moments in shards) | 'online' (encode with VAE)
     vae_path: str = ""               # local diffusers AutoencoderKL folder (latent='online', sampling)
-    vae_scale: float = 0.18215
+    vae_scale: float = VAE_SCALE
     buckets: dict = field(default_factory=dict)  # optional table: bucket name -> {"prob": p, "micro_batch": n}
     num_workers: int = 2
     random_flip: bool = True
@@ -235,7 +239,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         raise ConfigError(f"data.latent = 'online' encodes RGB images with the SD VAE but data.channels = {d.channels}; "
                           f"set data.channels=3")
     patch = MODEL_ZOO[m.name]["patch"]
-    side = d.resolution // 8 if d.latent != "none" else d.resolution
+    side = d.resolution // VAE_FACTOR if d.latent != "none" else d.resolution
     if side % patch:
         raise ConfigError(f"data.resolution = {d.resolution} gives a {side}-wide model input, not divisible "
                           f"by the patch size {patch}")
@@ -263,6 +267,26 @@ def load_config(path: str, overrides: Optional[list] = None, world_size: Optiona
         apply_override(data, o)
     cfg = from_dict(RunConfig, data)
     return validate(cfg, world_size)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before any process group starts if shards or the init snapshot are missing."""
+    shards = cfg.data.shards
+    manifest = os.path.join(shards, "manifest.json") if os.path.isdir(shards) else shards
+    if "://" not in shards and not shards.startswith("pipe:") and not os.path.isfile(manifest):
+        raise ConfigError(f"data.shards = '{shards}': no shards found (no manifest.json there); "
+                          f"write them with tools/make_shards.py and point data.shards at the output folder")
+    d = cfg.data
+    # latent runs need the VAE to encode (online) or to decode sample grids: fail now, not at the first grid
+    if d.latent != "none" and (d.latent == "online" or cfg.train.sample_every_images > 0) \
+            and not os.path.isfile(os.path.join(d.vae_path, "config.json")):
+        why = "encodes images with it" if d.latent == "online" else "decodes sample grids with it"
+        raise ConfigError(f"data.vae_path = '{d.vae_path}' is not a diffusers AutoencoderKL folder (no config.json); "
+                          f"data.latent = '{d.latent}' {why}: point it at the VAE the shards were written with"
+                          + ("" if d.latent == "online" else ", or set train.sample_every_images=0"))
+    if cfg.init.snapshot and not os.path.isfile(os.path.join(cfg.init.snapshot, "ema.safetensors")):
+        raise ConfigError(f"init.snapshot = '{cfg.init.snapshot}' is not an EMA snapshot folder (no ema.safetensors); "
+                          f"pass the pretraining run's snapshots/latest, or '' to start from scratch")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

@@ -15,7 +15,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from dimscale.config import ModelConfig, from_dict
+from dimscale.config import VAE_FACTOR, ModelConfig, from_dict
 
 WEIGHTS, META = "ema.safetensors", "snapshot.json"
 
@@ -38,6 +38,15 @@ def save_snapshot(folder: str, state_dict: dict, model_cfg: ModelConfig | dict, 
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def run_meta(cfg, images_seen: int) -> dict:
+    """What a trainer's snapshot records beside the model config: data layout, diffusion config, progress."""
+    import dataclasses
+    d = cfg.data
+    return {"data": {"resolution": d.resolution, "latent": d.latent, "vae_scale": d.vae_scale,
+                     "vae_path": d.vae_path, "channels": cfg.model.in_channels},
+            "diffusion": dataclasses.asdict(cfg.diffusion), "images_seen": images_seen, "run": cfg.name}
 
 
 def read_snapshot(folder: str) -> tuple[dict, dict]:
@@ -65,5 +74,5 @@ def model_input_shape(meta: dict) -> tuple[tuple[int, int, int], bool]:
     """((C, H, W) the model samples at, is_latent) from snapshot meta: training pixels, or /8 in SD-VAE latents."""
     mcfg, data = meta["model"], meta.get("data", {})
     latent = data.get("latent", "none") != "none"
-    side = data["resolution"] // 8 if latent and "resolution" in data else data.get("resolution", mcfg["input_size"])
+    side = data["resolution"] // VAE_FACTOR if latent and "resolution" in data else data.get("resolution", mcfg["input_size"])
     return (mcfg["in_channels"], side, side), latent

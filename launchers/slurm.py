@@ -41,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python launchers/slurm.py` puts launchers/ first on sys.path, not the repo
     sys.path.insert(0, REPO)
 
+from dimscale import distributed  # noqa: E402
 from dimscale.config import ConfigError, load_config  # noqa: E402
 
 TRAINER = "dimscale.train:main"
@@ -132,20 +133,10 @@ def stage_progress(stage: Stage) -> dict:
 # What runs inside each task
 # ------------------------------------------------------------------------------------------------
 
-def master_port(job_id: str, restart: int) -> int:
-    """A port per job (and per restart, so a rerun never races its predecessor's socket), in [20000, 32000):
-    below Linux's ephemeral range (32768-60999), where any outgoing connection may already hold the port and
-    rank 0's rendezvous store would fail to bind while the other ranks wait."""
-    digits = int(re.sub(r"\D", "", job_id) or 0)
-    return 20000 + (digits * 16 + restart) % 12000
-
-
 def distributed_env(env: submitit.JobEnvironment) -> dict:
     """SLURM (or local) task layout -> the torch.distributed env:// variables."""
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    return {"MASTER_ADDR": env.hostnames[0], "MASTER_PORT": str(master_port(env.raw_job_id, restart)),
-            "RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank), "WORLD_SIZE": str(env.num_tasks),
-            "LOCAL_WORLD_SIZE": str(env.num_tasks // max(env.num_nodes, 1)), "NODE_RANK": str(env.node)}
+    return distributed.task_env(env.hostnames, env.raw_job_id, env.global_rank, env.local_rank, env.num_tasks,
+                                env.num_nodes, env.node)
 
 
 def load_trainer(spec: str):
@@ -230,7 +221,7 @@ class StageTask:
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 epilog="status: python launchers/slurm.py status <config.json | run folder>")
     p.add_argument("config", help="JSON config of the last stage (e.g. configs/dim_h_512.json)")
     p.add_argument("--nodes", type=int, default=1)
@@ -445,7 +436,7 @@ def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "status":
-            sp = argparse.ArgumentParser(prog="slurm.py status")
+            sp = argparse.ArgumentParser(allow_abbrev=False, prog="slurm.py status")
             sp.add_argument("target", help="config file or run folder")
             sp.add_argument("--set", action="append", default=[], dest="overrides")
             a = sp.parse_args(argv[1:])

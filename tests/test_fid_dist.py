@@ -56,7 +56,7 @@ def data(tmp_path_factory):
                 Image.fromarray(x[i]).save(buf, format="PNG")
                 w.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "cls": str(int(y[i])).encode()})
     # reference stats in the classifier's feature space, with the first 60 images as arr_0 for P/R
-    rec = run_fid(["ref", str(tmp / "ref.npz"), "--out", str(tmp / "ref_stats.npz"), "--images", "60",
+    rec = run_fid(["ref", str(tmp / "ref.npz"), "--out", str(tmp / "ref_stats.npz"), "--keep-images", "60",
                    "--detector", f"classifier:{tmp / 'clf.safetensors'}", "--batch-size", "24"])
     (tmp / "ref_record.json").write_text(json.dumps(rec))
     return tmp
@@ -121,7 +121,7 @@ def test_snapshot_samples_are_the_same_on_one_and_two_ranks(data):
             p.add_(0.02 * torch.randn_like(p))
     snap = str(data / "snap")
     save_snapshot(snap, model.state_dict(), cfg, {"data": {"resolution": 8, "latent": "none"}, "images_seen": 7})
-    common = ["eval", "--snapshot", snap, "--num-samples", "12", "--steps", "2", "--seed", "3", "--batch-size", "3",
+    common = ["eval", "--snapshot", snap, "--num-images", "12", "--steps", "2", "--seed", "3", "--batch-size", "3",
               "--ref", str(data / "ref_stats.npz"), "--detector", f"classifier:{data / 'clf.safetensors'}"]
     one = run_fid(common + ["--stats-out", str(data / "g1.npz"), "--npz-out", str(data / "g1_imgs.npz")])
     two = run_fid(common + ["--stats-out", str(data / "g2.npz"), "--npz-out", str(data / "g2_imgs.npz")], ranks=2)
@@ -137,8 +137,8 @@ def test_snapshot_samples_are_the_same_on_one_and_two_ranks(data):
         assert rec["steps"] == 2 and rec["seed"] == 3 and rec["sampler"] == "dpm++" and rec["cfg_scale"] == 0.4
         assert "1 + s" in rec["cfg_convention"] and rec["images_seen"] == 7 and len(rec["checkpoint_sha256"]) == 64
     # the same images as tools/sample.py with the same seed, labels and batches
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sample.py"), snap, "--num", "12", "--steps",
-                          "2", "--seed", "3", "--batch-size", "3", "--out", str(data / "grid.png"), "--npz",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sample.py"), "--snapshot", snap, "--num-images", "12", "--steps",
+                          "2", "--seed", "3", "--batch-size", "3", "--out", str(data / "grid.png"), "--npz-out",
                           str(data / "sample_tool.npz")], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]

@@ -13,7 +13,8 @@ from dimscale.config import ModelConfig  # noqa: E402
 from dimscale.snapshot import save_snapshot  # noqa: E402
 
 models = pytest.importorskip("dimscale.models", reason="dimscale.models (DiM) not available yet")
-from tools.sample import main, to_uint8  # noqa: E402
+from dimscale.generate import to_uint8  # noqa: E402
+from tools.sample import main  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,8 +41,8 @@ def test_to_uint8_convention():
 
 def test_pixel_snapshot_grid_npz_and_2x(tmp_path):
     model = tiny_snapshot(tmp_path / "snap", in_channels=3, resolution=8)
-    common = [str(tmp_path / "snap"), "--labels", "1,7,3", "--steps", "3", "--seed", "5", "--cfg-scale", "0.4"]
-    assert main(common + ["--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")]) == 0
+    common = ["--snapshot", str(tmp_path / "snap"), "--labels", "1,7,3", "--steps", "3", "--seed", "5", "--cfg-scale", "0.4"]
+    assert main(common + ["--out", str(tmp_path / "g.png"), "--npz-out", str(tmp_path / "s.npz")]) == 0
     grid = Image.open(tmp_path / "g.png")
     assert grid.mode == "RGB" and grid.size == (2 + 2 * 10, 2 + 2 * 10)     # 3 images, 2 per row, 2 px padding
     arr = np.load(tmp_path / "s.npz")["arr_0"]
@@ -51,18 +52,18 @@ def test_pixel_snapshot_grid_npz_and_2x(tmp_path):
     from dimscale.diffusion import sample
     ref = sample(model.eval(), torch.tensor([1, 7, 3]), (3, 8, 8), steps=3, cfg_scale=0.4, seeds=[5, 6, 7])
     assert np.abs(to_uint8(ref).astype(int) - arr.astype(int)).max() <= 1
-    assert main(common + ["--batch-size", "1", "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")]) == 0
+    assert main(common + ["--batch-size", "1", "--out", str(tmp_path / "b.png"), "--npz-out", str(tmp_path / "b.npz")]) == 0
     assert np.abs(np.load(tmp_path / "b.npz")["arr_0"].astype(int) - arr.astype(int)).max() <= 1
     # 2x the training resolution with the same weights (Upsample Guidance)
-    assert main(common + ["--upsample", "2", "--out", str(tmp_path / "g2.png"), "--npz", str(tmp_path / "s2.npz")]) == 0
+    assert main(common + ["--upsample", "2", "--out", str(tmp_path / "g2.png"), "--npz-out", str(tmp_path / "s2.npz")]) == 0
     assert np.load(tmp_path / "s2.npz")["arr_0"].shape == (3, 16, 16, 3)
     assert Image.open(tmp_path / "g2.png").size == (2 + 2 * 18, 2 + 2 * 18)
 
 
 def test_grey_pixel_model_random_labels(tmp_path):
     tiny_snapshot(tmp_path / "snap", in_channels=1, resolution=8)
-    assert main([str(tmp_path / "snap"), "--num", "2", "--steps", "2", "--cfg-scale", "0",
-                 "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")]) == 0
+    assert main(["--snapshot", str(tmp_path / "snap"), "--num-images", "2", "--steps", "2", "--cfg-scale", "0",
+                 "--out", str(tmp_path / "g.png"), "--npz-out", str(tmp_path / "s.npz")]) == 0
     assert Image.open(tmp_path / "g.png").mode == "L"
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 1)
 
@@ -70,8 +71,8 @@ def test_grey_pixel_model_random_labels(tmp_path):
 def test_latent_snapshot_decodes_with_vae(tmp_path):
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     tiny_snapshot(tmp_path / "snap", in_channels=4, resolution=64, latent="moments")   # latent grid 8x8
-    args = [str(tmp_path / "snap"), "--labels", "0,9", "--steps", "2", "--out", str(tmp_path / "g.png"),
-            "--npz", str(tmp_path / "s.npz")]
+    args = ["--snapshot", str(tmp_path / "snap"), "--labels", "0,9", "--steps", "2", "--out", str(tmp_path / "g.png"),
+            "--npz-out", str(tmp_path / "s.npz")]
     with pytest.raises(FileNotFoundError, match="--vae PATH"):
         main(args + ["--vae", str(tmp_path / "missing")])
     torch.manual_seed(0)
@@ -100,8 +101,8 @@ def test_snapshot_written_by_the_trainer(tmp_path):
     channels = json.loads((tmp_path / "t" / "snapshots" / "latest" / "snapshot.json").read_text())["model"]["in_channels"]
     for m, side in ((1, 8), (2, 16)):
         npz = str(tmp_path / f"s{m}.npz")
-        assert main([snap, "--num", "4", "--steps", "4", "--upsample", str(m), "--out", str(tmp_path / f"g{m}.png"),
-                     "--npz", npz]) == 0
+        assert main(["--snapshot", snap, "--num-images", "4", "--steps", "4", "--upsample", str(m), "--out", str(tmp_path / f"g{m}.png"),
+                     "--npz-out", npz]) == 0
         arr = np.load(npz)["arr_0"]
         assert arr.shape == (4, side, side, channels) and len({a.tobytes() for a in arr}) == 4
         assert Image.open(tmp_path / f"g{m}.png").size == (2 + 2 * (side + 2),) * 2
@@ -112,6 +113,6 @@ def test_snapshot_written_by_the_trainer(tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(snap, plain)
     (plain / "snapshot.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "diffusion"}))
-    assert main([str(plain), "--num", "4", "--steps", "4", "--out", str(tmp_path / "p.png"),
-                 "--npz", str(tmp_path / "p.npz"), "--cfg-scale", str(meta["diffusion"]["cfg_scale"])]) == 0
+    assert main(["--snapshot", str(plain), "--num-images", "4", "--steps", "4", "--out", str(tmp_path / "p.png"),
+                 "--npz-out", str(tmp_path / "p.npz"), "--cfg-scale", str(meta["diffusion"]["cfg_scale"])]) == 0
     assert not np.array_equal(np.load(tmp_path / "p.npz")["arr_0"], np.load(tmp_path / "s1.npz")["arr_0"])

@@ -66,7 +66,7 @@ def test_bad_config_on_the_command_line():
 
 def test_slurm_and_plain_environments_map_to_rank_and_world(monkeypatch):
     from dimscale.config import ConfigError
-    from dimscale.train import distributed_env
+    from dimscale.distributed import environment as distributed_env
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")
@@ -164,11 +164,24 @@ def test_latent_training_from_moments_and_online_vae(one_process, tmp_path, caps
 # Non-finite losses: skipped and counted; N in a row stops the run, the last good checkpoint stays
 # ------------------------------------------------------------------------------------------------
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch, tmp_path, capsys):
+def nan_losses_at(monkeypatch, step: int, count: int) -> None:
+    """Fault injection: the first `count` micro-batch losses of optimizer step `step` (0-based) become NaN."""
     from dimscale import train
+    real, calls = train.training_loss, {"n": 0}
+
+    def loss_fn(engine, *args, **kwargs):
+        loss = real(engine, *args, **kwargs)
+        # steps taken so far = optimizer steps DeepSpeed has done (skipped micro-batches never reach it)
+        if engine.global_steps == step and calls["n"] < count:
+            calls["n"] += 1
+            return loss * float("nan")
+        return loss
+    monkeypatch.setattr(train, "training_loss", loss_fn)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch, tmp_path, capsys):
     shards = fmnist_shards()
-    monkeypatch.setitem(train._injected, "count", 0)
-    monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:2")  # two bad micro-batches at step 2, then fine
+    nan_losses_at(monkeypatch, 2, 2)  # two bad micro-batches at step 2, then fine
     args = overrides(shards, tmp_path, "skip", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=0,
                      micro_batch=8)
     assert one_process(["--config", str(CONFIG), *args]) == 0
@@ -176,8 +189,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(one_process, monkeypatch
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["nonfinite_skipped"] == 2
     assert all(r["loss"] == r["loss"] for r in rows)
 
-    monkeypatch.setitem(train._injected, "count", 0)
-    monkeypatch.setenv("DIMSCALE_TEST_NAN", "2:100")  # never recovers
+    nan_losses_at(monkeypatch, 2, 100)  # never recovers
     args = overrides(shards, tmp_path, "stop", total_images=64, max_nonfinite_in_a_row=3, ckpt_every_images=16,
                      micro_batch=8)
     assert one_process(["--config", str(CONFIG), *args]) == 1
@@ -196,16 +208,16 @@ def _ema_worker(rank, port, results):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import deepspeed
-    from dimscale import train
+    from dimscale import distributed, engine as engine_setup, train
     from dimscale.config import load_config
     from dimscale.diffusion import Schedule, training_loss
     from dimscale.ema import EMA
-    train.init_distributed(0)
+    distributed.init(0)
     out = {}
     for stage in (3, 0):
         cfg = load_config(str(CONFIG), [f"train.zero_stage={stage}", "train.precision=fp32", "train.global_batch=8",
                                         "train.micro_batch=4", "train.lr=1e-2", "train.warmup_images=0"], world_size=2)
-        engine = train.build_engine(cfg, train.build_model(cfg), world_size=2)
+        engine = engine_setup.build_engine(cfg, train.build_model(cfg), world_size=2)
         named = list(engine.module.named_parameters())
         ema = EMA(engine.module, decay=0.5)
         with deepspeed.zero.GatheredParameters([p for _, p in named]):

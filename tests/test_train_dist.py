@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "dim_t_cpu.json"
@@ -55,7 +56,7 @@ def overrides(shards, out_dir, name, **train) -> list:
 def losses(run_dir) -> list:
     """[(step, loss)] from metrics.jsonl, in file order (a resumed run repeats the steps after its checkpoint)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "event" not in r]
 
 
 def free_port() -> int:
@@ -71,13 +72,47 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def torchrun(args, log_path, **env) -> subprocess.Popen:
-    """Start `torchrun --nproc_per_node 2 dimscale/train.py ...` in its own process group."""
+def torchrun(args, log_path, script="dimscale/train.py", **env) -> subprocess.Popen:
+    """Start `torchrun --nproc_per_node 2 SCRIPT ...` in its own process group."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "dimscale/train.py",
-           "--config", str(CONFIG), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, "--config", str(CONFIG), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=open(log_path, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_processes(marker) -> list:
+    """Pids of live processes (the torchrun agent and its ranks) whose command line names `marker` (the run's
+    out_dir): torchrun starts ranks in sessions of their own, so a process-group kill misses them."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(marker) in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_run(proc, marker) -> None:
+    """SIGKILL the agent and every rank by pid, as a scheduler does, and wait until none is left."""
+    for pid in run_processes(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert_none_left(marker)
+
+
+def assert_none_left(marker, timeout=20) -> None:
+    end = time.time() + timeout
+    while run_processes(marker) and time.time() < end:
+        time.sleep(0.1)
+    assert not run_processes(marker), f"processes outlived the run: {run_processes(marker)}"
 
 
 def finish(proc, log_path, timeout=300) -> None:
@@ -107,7 +142,8 @@ def _worker(rank, port, argvs, results, preempt_file):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from dimscale import train
-    train.init_distributed(0)
+    from dimscale import distributed
+    distributed.init(0)
 
     def on_preempt(info):
         Path(preempt_file).write_text(json.dumps(info))
@@ -208,18 +244,25 @@ def reference(tmp_path_factory):
     return dict(curve)
 
 
+def resumed_at(run_dir) -> list:
+    """images_seen of each resume the run recorded in metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["images_seen"] for r in map(json.loads, f) if r.get("event") == "resumed"]
+
+
 def test_kill9_at_random_step_then_resume_is_bitwise_identical(tmp_path, reference):
     shards, log = fmnist_shards(), tmp_path / "log.txt"
     args = overrides(shards, tmp_path, "run")
     kill_at = random.Random(os.getpid()).randint(3, 7)  # after the first checkpoint (step 2), before the end
     proc = torchrun(args, log)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at, proc, log)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_until(lambda: metrics.exists() and len(losses(tmp_path / "run")) >= kill_at, proc, log)
+    kill_run(proc, tmp_path)
+    assert not (tmp_path / "run" / "done.json").exists()   # the kill really stopped the ranks mid-run
     finish(torchrun(args, log), log)
+    assert_none_left(tmp_path)
     curve = losses(tmp_path / "run")
-    assert "resumed from" in log.read_text()
+    assert len(resumed_at(tmp_path / "run")) == 1 and 0 < resumed_at(tmp_path / "run")[0] < 128
     assert len(curve) >= 8  # steps between the checkpoint and the kill appear twice
     assert {s for s, _ in curve} == set(range(1, 9))
     for step, loss in curve:
@@ -231,18 +274,57 @@ def test_kill_during_checkpoint_write_keeps_a_loadable_latest(tmp_path, referenc
     args = overrides(shards, tmp_path, "run")
     ckpts = tmp_path / "run" / "checkpoints"
     writing = ckpts / "tmp-img000000000064"
-    # both ranks have written their share of the 2nd checkpoint and sleep before it is published
-    proc = torchrun(args, log, DIMSCALE_TEST_PAUSE_IN_CKPT_WRITE="64:120")
+    # both ranks have written their share of the 2nd checkpoint and rank 0 sleeps before publishing it
+    proc = torchrun(["--pause-before-publish", "64:120", *args], log, script="tests/fault_trainer.py")
     wait_until(lambda: (writing / "rank00000.pt").exists() and (writing / "rank00001.pt").exists(), proc, log)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc, tmp_path)
     assert os.readlink(ckpts / "latest") == "img000000000032"
     assert json.loads((ckpts / "latest" / "trainer.json").read_text())["images_seen"] == 32
     finish(torchrun(args, log), log)  # resumes from the 32-image checkpoint and finishes
+    assert_none_left(tmp_path)
+    assert resumed_at(tmp_path / "run") == [32]
     assert not writing.exists()
     for step, loss in losses(tmp_path / "run"):
         assert loss == reference[step], f"step {step} after the interrupted checkpoint differs"
     assert sorted(p.name for p in ckpts.glob("img*")) == ["img000000000096", "img000000000128"]  # keep last 2
+
+
+def test_kill_after_the_final_checkpoint_completes_the_stage_on_rerun(tmp_path, reference):
+    """Killed between the final checkpoint and the final snapshot: the rerun writes what the stage still owes."""
+    shards, log = fmnist_shards(), tmp_path / "log.txt"
+    args = overrides(shards, tmp_path, "run", snapshot_every_images=64)
+    proc = torchrun(["--die-after-publish", "128", *args], log, script="tests/fault_trainer.py")
+    proc.wait(timeout=300)
+    kill_run(proc, tmp_path)
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoints" / "latest" / "trainer.json").read_text())["images_seen"] == 128
+    assert json.loads((run / "snapshots" / "latest" / "snapshot.json").read_text())["images_seen"] == 64  # stale
+    assert not (run / "done.json").exists()
+    finish(torchrun(args, log), log)
+    assert_none_left(tmp_path)
+    assert json.loads((run / "snapshots" / "latest" / "snapshot.json").read_text())["images_seen"] == 128
+    assert json.loads((run / "done.json").read_text())["images_seen"] == 128
+    ema = load_file(run / "checkpoints" / "latest" / "ema.safetensors")
+    snap = load_file(run / "snapshots" / "latest" / "ema.safetensors")
+    assert all(torch.equal(ema[k], snap[k]) for k in ema)   # the final snapshot is the final checkpoint's EMA
+
+
+def test_a_second_trainer_on_the_same_run_is_refused_and_ranks_die_with_their_agent(tmp_path):
+    shards, log, log2 = fmnist_shards(), tmp_path / "log.txt", tmp_path / "log2.txt"
+    args = overrides(shards, tmp_path, "run", total_images=100_000, ckpt_every_images=0)
+    proc = torchrun(args, log)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(losses(tmp_path / "run")) >= 1, proc, log)
+    second = torchrun(args, log2)
+    assert second.wait(timeout=300) != 0
+    text = log2.read_text()
+    assert text.count("another trainer (pid ") == 1 and "one trainer per run folder" in text, text[-2000:]
+    assert proc.poll() is None                              # the first run goes on untouched
+    ranks = [pid for pid in run_processes(tmp_path) if pid != proc.pid]
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)                        # only the agent: its ranks must follow it
+    proc.wait()
+    assert_none_left(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,3 +349,45 @@ def test_sigusr1_on_one_rank_saves_everywhere_and_exits_3(tmp_path):
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["images_seen"]
     assert info["images_seen"] == seen == last_logged > 0
     assert os.path.realpath(info["checkpoint"]) == os.path.realpath(tmp_path / "pre" / "checkpoints" / "latest")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume loads DeepSpeed's files with weights_only=True: every ZeRO stage resumes, a pickle payload is refused
+# ------------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this writes a marker file: what a crafted checkpoint would do on every rank."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_every_zero_stage_resumes_with_weights_only_loads_and_a_pickle_is_refused(tmp_path):
+    shards = fmnist_shards()
+    runs = []
+    for s in range(4):
+        first = overrides(shards, tmp_path, f"z{s}", zero_stage=s, total_images=32, ckpt_every_images=32)
+        more = overrides(shards, tmp_path, f"z{s}", zero_stage=s, total_images=64, ckpt_every_images=32)
+        runs += [["--config", str(CONFIG), *first], ["--config", str(CONFIG), *more]]
+    assert spawn_two(runs) == {0: [0] * 8, 1: [0] * 8}
+    for s in range(4):
+        assert resumed_at(tmp_path / f"z{s}") == [32]
+        assert json.loads((tmp_path / f"z{s}" / "done.json").read_text())["images_seen"] == 64
+
+    # a crafted model-states file in `latest`: resuming must refuse it without running it
+    latest = tmp_path / "z2" / "checkpoints" / "latest"
+    marker = tmp_path / "marker.txt"
+    model_file = next(latest.glob("mp_rank_00_model_states.pt"))
+    state = torch.load(model_file, weights_only=True)
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, model_file)
+    again = overrides(shards, tmp_path, "z2", zero_stage=2, total_images=96, ckpt_every_images=32)
+    log = tmp_path / "log.txt"
+    proc = torchrun(again, log)
+    assert proc.wait(timeout=300) != 0
+    assert not marker.exists(), "the pickle in the checkpoint ran"
+    assert "refusing to load a checkpoint file that holds pickled code" in log.read_text()
+    assert_none_left(tmp_path)

@@ -31,7 +31,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TARGET_ACCURACY = 0.60
 STAGES = ("shards", "classifier", "reference", "pretrain_16", "finetune_32", "grid_32", "grid_64_upsampled",
           "grid_16_pretrain", "metric", "metric_pretrain_16")
@@ -44,7 +43,7 @@ SMALL = dict(shard_limit=2000, clf_limit=2000, clf_epochs=1, pretrain_images=256
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for every artifact (shards, runs, grids, metrics)")
     p.add_argument("--small", action="store_true", help="fewer images and steps: the CI-sized end-to-end check")
     p.add_argument("--docs-images", default="", help="also copy the two grids here (docs/images for the README)")
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     run("classifier", cmd, env, logs, timings, args.from_stage)
 
     ref = os.path.join(out, "reference_fcd.npz")
-    run("reference", [py, "tools/fid.py", "ref", shards, "--out", ref, "--num", str(size["ref_images"]),
+    run("reference", [py, "tools/fid.py", "ref", shards, "--out", ref, "--num-images", str(size["ref_images"]),
                       "--detector", f"classifier:{clf}", "--no-progress"], env, logs, timings, args.from_stage)
 
     # 3-4. pretrain at 16x16, finetune at 32x32 from the pretrain's EMA snapshot (weak-to-strong, §3.4)
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     grid32, grid64 = os.path.join(out, "grid_32.png"), os.path.join(out, "grid_64_upsampled.png")
     n32 = 10 * size["grid_per_class"]
     n64 = max(2, round(10 * size["upsample_per_class"]))
-    sample = lambda snapshot, n: [py, "tools/sample.py", snapshot, "--steps", steps, "--cfg-scale", cfg_scale,
+    sample = lambda snapshot, n: [py, "tools/sample.py", "--snapshot", snapshot, "--steps", steps, "--cfg-scale", cfg_scale,
                                   "--nrow", "10", "--labels", ",".join(str(i % 10) for i in range(n))]
     run("grid_32", sample(snap, n32) + ["--out", grid32], env, logs, timings, args.from_stage)
     run("grid_64_upsampled", sample(snap, n64) + ["--upsample", "2", "--seed", "1000", "--out", grid64], env, logs,
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         json_out = os.path.join(out, f"{name}.json")
         record = last_json(run(name, torchrun + [
             "tools/fid.py", "eval", "--snapshot", snapshot, "--ref", ref, "--detector", f"classifier:{clf}",
-            "--num", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
+            "--num-images", str(size["metric_samples"]), "--labels", "balanced", "--steps", steps, "--cfg-scale", cfg_scale,
             "--batch-size", "50", "--json-out", json_out, "--no-progress"], env_ranks, logs, timings, args.from_stage))
         return record.get("metrics", record), json_out
 

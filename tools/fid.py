@@ -1,13 +1,14 @@
 """FID, Inception Score and precision/recall of generated samples against a reference, on any number of ranks.
 
-    python tools/fid.py eval --snapshot runs/NAME/snapshots/latest --num-samples 50000 --ref VIRTUAL_imagenet256.npz
-    torchrun --nproc_per_node 8 tools/fid.py eval --snapshot ... --ref ...      (also deepspeed, srun)
+    python tools/fid.py eval --snapshot runs/NAME/snapshots/latest --num-images 50000 --ref VIRTUAL_imagenet256.npz
+    torchrun --nproc_per_node 8 -- tools/fid.py eval --snapshot ... --ref ...   (also deepspeed, srun)
     python tools/fid.py eval --samples samples.npz --ref ref.npz --pr           (an .npz, image folder or shards)
-    python tools/fid.py ref data/shards/val --out ref.npz --images 10000        (mu, sigma [, arr_0 for P/R])
+    python tools/fid.py ref data/shards/val --out ref.npz --keep-images 10000   (mu, sigma [, arr_0 for P/R])
     python tools/fid.py eval --snapshot ... --ref ref_fcd.npz --detector classifier:fmnist.safetensors  (NOT FID)
 
 Every rank generates (or reads) its own global batches: batch k holds sample indices [kB, (k+1)B) and goes to
-rank k % world, sample i uses seed `--seed + i` and label `labels[i]` (drawn once from `--seed`), so the sample
+rank k % world, sample i uses seed `--seed + i` and label `labels[i]` (drawn once from `--seed`; the sampling
+flags and their defaults are tools/sample.py's, from dimscale/generate.py), so the sample
 set and every batch are the same on 1 or 64 ranks. Ranks accumulate float64 Σx and Σxxᵀ and all-reduce them
 (EDM2 pattern); no image leaves its rank unless --npz-out asks for the ADM evaluator file.
 Reference files: ADM reference batches (mu, sigma, arr_0) and pytorch-fid stats (mu, sigma); `ref` writes the same
@@ -20,6 +21,7 @@ The output is one JSON line (rank 0): metrics and the full protocol.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,16 +34,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dimscale import distributed  # noqa: E402
+from dimscale.distributed import comm_device, sum_all  # noqa: E402
+from dimscale.generate import (CFG_CONVENTION, UINT8, ImageGenerator, add_sampling_args,  # noqa: E402
+                               deprecated_alias, labels_from_args, protocol_from_args)
 from dimscale.metrics.inception import RESIZE_MODES, load_inception, sha256_file  # noqa: E402
 from dimscale.metrics.sources import iter_source, my_batches, open_source  # noqa: E402
-from dimscale.metrics.stats import FeatureStats, all_gather_rows, comm_device, frechet_distance, precision_recall  # noqa: E402
-
-UINT8 = "clamp(127.5*x + 128, 0, 255) truncated (DiT sample_ddp.py; = round((x+1)*127.5))"
-CFG_CONVENTION = "U-ViT: eps = eps_c + s*(eps_c - eps_u); DiT/ADM guidance w = 1 + s"
+from dimscale.metrics.stats import FeatureStats, all_gather_rows, frechet_distance, precision_recall  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -57,32 +60,26 @@ def parse_args(argv):
         q.add_argument("--json-out", default="", help="also write the JSON record here (rank 0)")
         q.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="metrics of samples against a reference")
+    e = sub.add_parser("eval", help="metrics of samples against a reference", allow_abbrev=False)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", help="EMA snapshot folder: generate the samples on every rank")
     src.add_argument("--samples", help="samples: .npz (arr_0 NHWC uint8), image folder, shards, or idx:test")
     e.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma[, arr_0]) or an image source")
-    # not --num: torchrun would take it for its own --numa-binding
-    e.add_argument("--num-samples", type=int, default=0, help="samples (default: 50000 generated / all read)")
-    e.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; labels drawn from seed")
-    e.add_argument("--labels", default="uniform", choices=("uniform", "balanced"),
-                   help="class of sample i: uniform randint from --seed (DiM/sample.py), or i %% num_classes")
-    e.add_argument("--sampler", default="dpm++", help="'dpm++' or 'ddim'")
-    e.add_argument("--steps", type=int, default=50, help="model evaluations (NFE)")
-    e.add_argument("--cfg-scale", type=float, default=None, help="U-ViT s (w = 1 + s); default: snapshot's, else 0.4")
-    e.add_argument("--upsample", type=int, default=1, choices=(1, 2, 3), help="Upsample Guidance factor")
-    e.add_argument("--vae", default="", help="local diffusers AutoencoderKL folder (latent models)")
+    add_sampling_args(e, num_default=0)   # --num-images 0: 50000 generated / every image read
+    deprecated_alias(e, "--num-samples", "--num-images", dest="num_images", type=int)
     e.add_argument("--pr", action="store_true", help="also precision/recall (k=3) against the reference's arr_0")
     e.add_argument("--pr-ref-num", type=int, default=10000, help="reference images used for precision/recall")
     e.add_argument("--npz-out", default="", help="also gather the samples to rank 0 as arr_0 (ADM evaluator)")
     e.add_argument("--stats-out", default="", help="also write the samples' stats (mu, sigma, protocol) .npz")
     common(e)
 
-    r = sub.add_parser("ref", help="reference statistics of an image source")
+    r = sub.add_parser("ref", help="reference statistics of an image source", allow_abbrev=False)
     r.add_argument("source", help=".npz (arr_0), image folder, WebDataset shards, or idx:train|test")
     r.add_argument("--out", required=True, help="output .npz: mu, sigma, protocol [, arr_0]")
     r.add_argument("--num-images", type=int, default=0, help="use the first N images only (default: all)")
-    r.add_argument("--images", type=int, default=0, help="also store the first N images as arr_0 (P/R, ADM layout)")
+    r.add_argument("--keep-images", type=int, default=0,
+                   help="also store the first N images as arr_0 (P/R, ADM layout)")
+    deprecated_alias(r, "--images", "--keep-images", dest="keep_images", type=int)
     common(r)
     return p.parse_args(argv)
 
@@ -92,15 +89,9 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------------------
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device): env of torchrun/deepspeed/srun via the trainer's distributed_env; gloo or nccl."""
-    from dimscale.train import distributed_env
-    rank, local_rank, world = distributed_env()
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    """(rank, world, device): the env of torchrun/deepspeed/srun; a plain gloo or nccl group when world > 1."""
+    rank, local_rank, world = distributed.environment()
+    device = distributed.init(local_rank, world, deepspeed=False, device_arg=device_arg)
     return rank, world, device
 
 
@@ -155,53 +146,26 @@ def accumulate(det, batches, stats: FeatureStats, device, progress, world: int, 
     return time.time() - t0
 
 
-def sum_all(t: torch.Tensor) -> torch.Tensor:
-    """Sum of a small CPU tensor over ranks."""
-    if dist.is_initialized():
-        t = t.to(comm_device())
-        dist.all_reduce(t)
-    return t.cpu()
-
-
 # ------------------------------------------------------------------------------------------------
 # Samples from a snapshot
 # ------------------------------------------------------------------------------------------------
 
 def generated_batches(args, rank: int, world: int, device, proto: dict):
     """Yield this rank's (indices, uint8 images, labels) generated from the EMA snapshot."""
-    from dimscale.diffusion import Schedule, sample
-    from dimscale.snapshot import load_snapshot, model_input_shape
-    from tools.sample import to_uint8
-    model, meta = load_snapshot(args.snapshot, device)
-    mcfg, data, diff = meta["model"], meta.get("data", {}), meta.get("diffusion", {})
-    shape, latent = model_input_shape(meta)
-    side = shape[-1]
-    vae = None
-    if latent:
-        from dimscale.diffusion.vae import decode, load_vae
-        vae = load_vae(args.vae or data.get("vae_path", ""), device)
-    num_classes = mcfg["num_classes"]
-    if args.labels == "balanced":
-        labels = torch.arange(args.num_samples) % num_classes
-    else:   # the same draw as tools/sample.py: randint over all N from --seed, then sliced per batch
-        labels = torch.randint(0, num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed))
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else diff.get("cfg_scale", 0.4)
-    schedule = Schedule.from_config(diff)
+    gen = ImageGenerator.from_snapshot(args.snapshot, device, args.vae)
+    labels = labels_from_args(gen, args)      # all N, drawn once from --seed, then sliced per batch
+    sampling = protocol_from_args(gen, args)
+    h, w, c = gen.output_shape(sampling)
     proto.update(checkpoint=os.path.abspath(args.snapshot),
                  checkpoint_sha256=sha256_file(os.path.join(args.snapshot, "ema.safetensors")),
-                 images_seen=meta.get("images_seen"), model=mcfg.get("name"), sampler=args.sampler,
-                 steps=args.steps, cfg_scale=cfg_scale, cfg_convention=CFG_CONVENTION, upsample=args.upsample,
-                 seed=args.seed, seeds=f"seed + i for sample i in [0, {args.num_samples})", labels=args.labels,
-                 uint8=UINT8, sample_shape=[shape[0], side * args.upsample, side * args.upsample] if not latent
-                 else "VAE-decoded", vae=args.vae or data.get("vae_path", "") if latent else None)
-    for start, stop in my_batches(args.num_samples, args.batch_size, rank, world):
-        x = sample(model, labels[start:stop], shape, sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale,
-                   seeds=[args.seed + i for i in range(start, stop)], schedule=schedule,
-                   upsample_factor=args.upsample, device=device)
-        if vae is not None:
-            x = decode(vae, x, data.get("vae_scale", 0.18215))
-        images = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)          # (B, C, H, W) uint8
-        yield torch.arange(start, stop), list(images), labels[start:stop]
+                 images_seen=gen.meta.get("images_seen"), model=gen.meta["model"].get("name"),
+                 **dataclasses.asdict(sampling), cfg_convention=CFG_CONVENTION, seed=args.seed,
+                 seeds=f"seed + i for sample i in [0, {args.num_images})", labels=args.labels, uint8=UINT8,
+                 sample_shape=[c, h, w] if not gen.latent else "VAE-decoded",
+                 vae=gen.vae_path if gen.latent else None)
+    for start, stop in my_batches(args.num_images, args.batch_size, rank, world):
+        images = torch.from_numpy(gen(labels[start:stop], [args.seed + i for i in range(start, stop)], sampling))
+        yield torch.arange(start, stop), list(images.permute(0, 3, 1, 2)), labels[start:stop]    # (C, H, W) uint8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,11 +238,11 @@ def gather_images(kept: list, rank: int) -> np.ndarray | None:
 def cmd_ref(args, rank, world, device, det, proto) -> dict:
     source = open_source(args.source)
     num = source_len(source, args.num_images)
-    kept = [] if args.images else None
+    kept = [] if args.keep_images else None
     stats = FeatureStats(det.dim)
     bar = tqdm(total=num, unit="img", desc="reference", disable=rank != 0 or args.no_progress, mininterval=1)
     batches = iter_source(source, args.batch_size, rank, world, num)
-    seconds = accumulate(det, batches, stats, device, bar, world, kept, keep_below=args.images)
+    seconds = accumulate(det, batches, stats, device, bar, world, kept, keep_below=args.keep_images)
     bar.close()
     stats.all_reduce()
     mu, sigma = stats.mean_cov()
@@ -310,12 +274,12 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
 
     record = {"command": "eval", "ref": os.path.abspath(args.ref), "ref_sha256": ref_sha, **proto}
     if args.snapshot:
-        args.num_samples = args.num_samples or 50000
+        args.num_images = args.num_images or 50000
         batches = generated_batches(args, rank, world, device, record)
-        num = args.num_samples
+        num = args.num_images
     else:
         source = open_source(args.samples)
-        num = source_len(source, args.num_samples)
+        num = source_len(source, args.num_images)
         batches = iter_source(source, args.batch_size, rank, world, num)
         record.update(samples=os.path.abspath(args.samples) if ":" not in args.samples[:4] else args.samples,
                       samples_sha256=sha256_file(args.samples) if os.path.isfile(args.samples) else None,
@@ -342,7 +306,7 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
     if args.pr:
         if not ref.get("has_images"):
             raise ValueError(f"--pr needs reference images: {args.ref} has no arr_0 (write one with "
-                             f"`tools/fid.py ref SOURCE --images 10000`)")
+                             f"`tools/fid.py ref SOURCE --keep-images 10000`)")
         pr_src = open_source(args.ref)
         pr_num = source_len(pr_src, args.pr_ref_num)
         ref_feats, _ = source_stats(det, pr_src, args, rank, world, device, pr_num, keep=True, desc="P/R reference")

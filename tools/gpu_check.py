@@ -164,7 +164,7 @@ def model_bench():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("pytorch", "kernels", "all"), default="all")
     p.add_argument("--out", default="")
     a = p.parse_args()

@@ -346,7 +346,7 @@ def npy_bytes(a: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="class-subfolder tree, flat folder (with --labels) or IDX folder (Fashion-MNIST)")
     p.add_argument("out", help="output folder for shards and manifest.json")

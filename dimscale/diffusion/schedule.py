@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from dimscale.config import DiffusionConfig
+
+_DEFAULT = DiffusionConfig()   # the schedule's defaults are the config's, defined once there
+
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear f(x) through knots (xp increasing, fp); the end segments extend to ±inf."""
@@ -20,8 +24,8 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 class Schedule:
     """SD 'scaled-linear' betas, β_n = linspace(√β_start, √β_end, T)² (train_ldm_discrete.py L23), in float64."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 noise_shift: float = 1.0):
+    def __init__(self, num_timesteps: int = _DEFAULT.num_timesteps, beta_start: float = _DEFAULT.beta_start,
+                 beta_end: float = _DEFAULT.beta_end, noise_shift: float = _DEFAULT.noise_shift):
         if num_timesteps < 2 or not 0.0 < beta_start < beta_end < 1.0 or noise_shift <= 0:
             raise ValueError(f"Schedule(num_timesteps={num_timesteps}, beta_start={beta_start}, beta_end={beta_end}, "
                              f"noise_shift={noise_shift}): need num_timesteps >= 2, 0 < beta_start < beta_end < 1 "
@@ -40,8 +44,8 @@ class Schedule:
     def from_config(cls, cfg) -> "Schedule":
         """Build from a DiffusionConfig, or the `diffusion` dict a snapshot records (defaults for missing keys)."""
         get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        return cls(get("num_timesteps", 1000), get("beta_start", 0.00085), get("beta_end", 0.012),
-                   get("noise_shift", 1.0))
+        keys = ("num_timesteps", "beta_start", "beta_end", "noise_shift")
+        return cls(*(get(k, getattr(_DEFAULT, k)) for k in keys))
 
     # ---- continuous time t in [1/T, 1], as DPM-Solver's NoiseScheduleVP('discrete') ----
 

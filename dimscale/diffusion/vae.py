@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from dimscale.config import VAE_FACTOR, VAE_SCALE  # noqa: F401  (re-exported: the VAE's constants)
+
 
 def load_vae(path: str, device: str | torch.device = "cpu"):
     """AutoencoderKL from a local diffusers folder (config.json + weights), frozen, in eval mode."""
@@ -32,7 +34,7 @@ def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
     return vae.encode(x).latent_dist.parameters
 
 
-def sample_latent(moments: torch.Tensor, scale: float = 0.18215, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latent(moments: torch.Tensor, scale: float = VAE_SCALE, generator: torch.Generator | None = None) -> torch.Tensor:
     """z = scale · (μ + σ ε) from moments (B, 2C, h, w); log σ² clamped to [-30, 20] as diffusers/LDM do."""
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -42,6 +44,26 @@ def sample_latent(moments: torch.Tensor, scale: float = 0.18215, generator: torc
 
 
 @torch.no_grad()
-def decode(vae, z: torch.Tensor, scale: float = 0.18215) -> torch.Tensor:
+def decode(vae, z: torch.Tensor, scale: float = VAE_SCALE) -> torch.Tensor:
     """Images (B, 3, H, W), nominally in [-1, 1], from scaled latents z (B, 4, h, w)."""
     return vae.decode(z / scale).sample
+
+
+class ModelInputs:
+    """Turns a loader batch into the model input x0 for data.latent in {'none', 'moments', 'online'}."""
+
+    def __init__(self, data_cfg, in_channels: int, device: torch.device):
+        self.data, self.in_channels, self.device, self.vae = data_cfg, in_channels, device, None
+        if data_cfg.latent == "online":
+            self.vae = load_vae(data_cfg.vae_path, device)  # frozen, eval, no grad
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.data.latent == "online":  # §3.3, 256 path: encode on the fly under no_grad, then sample the moments
+            x = encode_moments(self.vae, x.to(next(self.vae.parameters()).dtype))
+        if self.data.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) every time (§3.3, 512)
+            return sample_latent(x.float(), self.data.vae_scale, generator)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"the loader gives {x.shape[1]}-channel images but model.in_channels = "
+                             f"{self.in_channels}; make them agree")
+        return x.float()

@@ -142,7 +142,7 @@ def _shard_arrays(spec: str, limit: int | None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dimscale.metrics.classifier", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dimscale.metrics.classifier", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the stand-in detector")
     t.add_argument("--out", required=True, help="output .safetensors")

@@ -12,14 +12,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dimscale.distributed import comm_device
+
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def comm_device() -> torch.device:
-    """Where collectives need their tensors: this rank's GPU under nccl, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class FeatureStats:

@@ -1,6 +1,7 @@
 """The DiM backbone, its attention baseline, and the named model zoo (dim-reference.md §2)."""
 from __future__ import annotations
 
+from dimscale.config import ModelConfig
 from dimscale.models.dim import DiM, resize_pos_embed
 from dimscale.models.mamba import Mamba
 
@@ -13,16 +14,13 @@ MODEL_ZOO = {
 }
 
 
-def build_model(cfg) -> DiM:
-    """DiM for a ModelConfig (or a dict with its fields); the zoo name sets width, depth and patch."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    name = get("name")
-    if name not in MODEL_ZOO:
-        raise ValueError(f"model name '{name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
-    return DiM(in_channels=get("in_channels", 4), input_size=get("input_size", 32),
-               num_classes=get("num_classes", 1000), pad_mode=get("pad_mode", "lateral"),
-               mixer=get("mixer", "mamba"), scan_backend=get("scan_backend", "auto"),
-               grad_checkpointing=get("grad_checkpointing", False), **MODEL_ZOO[name])
+def build_model(cfg: ModelConfig) -> DiM:
+    """The DiM a ModelConfig describes; the zoo name sets width, depth and patch."""
+    if cfg.name not in MODEL_ZOO:
+        raise ValueError(f"model name '{cfg.name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
+    return DiM(in_channels=cfg.in_channels, input_size=cfg.input_size, num_classes=cfg.num_classes,
+               pad_mode=cfg.pad_mode, mixer=cfg.mixer, scan_backend=cfg.scan_backend,
+               grad_checkpointing=cfg.grad_checkpointing, **MODEL_ZOO[cfg.name])
 
 
 def adapt_state_dict(state_dict: dict, model: DiM) -> dict:

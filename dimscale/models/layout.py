@@ -74,8 +74,3 @@ def pad_layout(h: int, w: int, pad: int = 3, mode: str = "lateral"):
     else:
         raise ValueError(f"pad_mode '{mode}' is not one of lateral, rho_pad")
     return image_pos, pad_pos, pad_id
-
-
-def padded_len(h: int, w: int, pad: int = 3) -> int:
-    """Number of grid cells after padding: (h+pad)(w+pad)."""
-    return (h + pad) * (w + pad)

@@ -78,7 +78,7 @@ def run_bare(npz: str, weights: str, batch: int) -> tuple[float, float]:
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python tools/bench.py fid")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python tools/bench.py fid")
     p.add_argument("--images", type=int, default=24, help="images per measurement")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

@@ -56,7 +56,7 @@ def loader_rate(shards: str, side: int, workers: int, batches: int, micro_batch:
 
 
 def main(argv) -> dict:
-    p = argparse.ArgumentParser(prog="bench.py loader")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py loader")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=32)

@@ -29,7 +29,7 @@ def step_time(model, grid):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="bench.py model")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py model")
     p.add_argument("--grids", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=3)

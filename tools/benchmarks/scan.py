@@ -41,7 +41,7 @@ def fwd_bwd(fn, L):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="bench.py scan")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py scan")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ref-reps-long", type=int, default=1)

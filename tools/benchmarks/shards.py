@@ -76,7 +76,7 @@ def bare_loop(src: str, out_tar: str, resolution: int) -> int:
 
 
 def main(argv) -> dict:
-    p = argparse.ArgumentParser(prog="bench.py shards")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py shards")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--resolution", type=int, default=256)

@@ -14,7 +14,7 @@ import torch
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="bench.py train")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py train")
     p.add_argument("--model", default="DiM-T/2")
     p.add_argument("--res", type=int, default=16)
     p.add_argument("--batch", type=int, default=16)
@@ -27,13 +27,13 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    from dimscale import train
+    from dimscale import distributed, engine as engine_setup, train
     from dimscale.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from dimscale.diffusion import Schedule, training_loss
     from dimscale.ema import EMA
 
-    _, local_rank, _ = train.distributed_env()
-    device = train.init_distributed(local_rank)
+    _, local_rank, _ = distributed.environment()
+    device = distributed.init(local_rank)
     cfg = RunConfig(model=ModelConfig(name=args.model, in_channels=3, input_size=args.res, num_classes=10),
                     data=DataConfig(resolution=args.res),
                     train=TrainConfig(global_batch=args.batch, micro_batch=args.batch, zero_stage=args.stage,
@@ -41,8 +41,8 @@ def main(argv):
     t = cfg.train
     model = train.build_model(cfg).to(device)
     plain = copy.deepcopy(model)
-    engine = train.build_engine(cfg, model, world_size=1)
-    plain_opt = torch.optim.AdamW(train.param_groups(plain, t.weight_decay, t.no_decay_marked), lr=t.lr,
+    engine = engine_setup.build_engine(cfg, model, world_size=1)
+    plain_opt = torch.optim.AdamW(engine_setup.param_groups(plain, t.weight_decay, t.no_decay_marked), lr=t.lr,
                                   betas=tuple(t.betas), eps=t.eps)
     ema_ds, ema_plain = EMA(engine.module, t.ema_decay), EMA(plain, t.ema_decay)
     schedule = Schedule()

@@ -2,7 +2,7 @@
 
     python tools/bench.py zero [--model DiM-S/2] [--res 8] [--precision fp32]
 
-Each stage builds the trainer's engine (dimscale.train.build_engine) on 2 spawned ranks, runs one micro-batch
+Each stage builds the trainer's engine (dimscale.engine.build_engine) on 2 spawned ranks, runs one micro-batch
 forward + backward (gradients measured before the step) and one optimizer step (optimizer state measured after).
 Bytes are counted from the tensors themselves, each storage once: parameters = what the module holds
 (`ds_tensor` slices under ZeRO-3); gradients = `.grad` plus the optimizer's gradient/bucket buffers;
@@ -18,7 +18,7 @@ import torch
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="bench.py zero")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py zero")
     p.add_argument("--model", default="DiM-S/2")
     p.add_argument("--res", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -70,14 +70,14 @@ def _worker(rank, port, stage, args, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from dimscale import train
+    from dimscale import distributed, engine as engine_setup, train
     from dimscale.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from dimscale.diffusion import Schedule, training_loss
-    train.init_distributed(0)
+    distributed.init(0)
     cfg = RunConfig(model=ModelConfig(name=args.model, in_channels=1, input_size=args.res, num_classes=10),
                     data=DataConfig(resolution=args.res),
                     train=TrainConfig(global_batch=2, micro_batch=1, zero_stage=stage, precision=args.precision))
-    engine = train.build_engine(cfg, train.build_model(cfg), world_size=2)
+    engine = engine_setup.build_engine(cfg, train.build_model(cfg), world_size=2)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(1, 1, args.res, args.res, generator=gen), torch.randint(0, 10, (1,), generator=gen)
     engine.backward(training_loss(engine, x, y, Schedule(), generator=gen))
