@@ -9,7 +9,8 @@ run_dir/checkpoints/
     latest -> img000000012800 a symlink, swapped with os.replace: a reader sees the old or the new one, never half
     tmp-img000000025600/      a write in progress (or killed mid-way); ignored, and removed at the next start
 
-A kill at any moment leaves `latest` pointing at a complete checkpoint (tests/test_train_resume.py).
+A kill at any moment leaves `latest` pointing at a complete checkpoint
+(tests/test_train_dist.py::test_kill_during_checkpoint_write_keeps_a_loadable_latest).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     srun python dimscale/train.py --config configs/dim_h_256.json       (SLURM_PROCID/... -> RANK/...)
     python dimscale/train.py --config configs/dim_t_cpu.json            (one process)
 
-The recipe is dim-reference.md §3: ε-prediction DDPM, AdamW(betas 0.99/0.99, eps 1e-15, wd 0.03), linear warmup
+The recipe is docs/reference.md §3: ε-prediction DDPM, AdamW(betas 0.99/0.99, eps 1e-15, wd 0.03), linear warmup
 then constant LR, grad clip 1.0, EMA 0.9999. Budgets are in images, so the GPU count never changes the recipe.
 Writes out_dir/name/: config.json, metrics.jsonl, checkpoints/latest (full state, resumed automatically),
 snapshots/latest (EMA, loadable without DeepSpeed), samples/*.png. Exit codes: 0 done, 1 failed, 2 bad config,
@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is depre
 
 class TrainError(RuntimeError):
     """A problem found while starting or running; the message says what to do. main() prints it and returns 1."""
-SSM_PARAM_NAMES = ("A_log", ".D", "dt_proj")  # kept in fp32 (Mamba README "Precision"; field-notes.md B.18)
+SSM_PARAM_NAMES = ("A_log", ".D", "dt_proj")  # kept in fp32 (Mamba README "Precision"; docs/engineering-notes.md §B.18)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def init_distributed(local_rank: int) -> torch.device:
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
         # The CPU accelerator JIT-compiles a shared-memory op (35-70 s) that only inference_all_reduce uses
-        # (deepspeed-cpu.md §1); importlib because `deepspeed.comm.torch` as an attribute is the torch package.
+        # (docs/engineering-notes.md §E.1); importlib because `deepspeed.comm.torch` as an attribute is the torch package.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
@@ -137,7 +137,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
         "checkpoint": {"tag_validation": "FAIL"},
     }
     # bf16: DeepSpeed's "bf16" mode casts the whole module to bf16 and flattens same-dtype buffers, so it cannot
-    # keep the SSM parameters (A_log, D, dt_proj) in fp32 as the Mamba authors require (field-notes.md B.18).
+    # keep the SSM parameters (A_log, D, dt_proj) in fp32 as the Mamba authors require (docs/engineering-notes.md §B.18).
     # DeepSpeed's torch_autocast keeps every parameter, gradient and optimizer state in fp32 and runs the matmuls
     # and convs in bf16 (the AMP setup the Mamba README recommends); the model's scan itself runs in fp32.
     if t.precision == "bf16":
@@ -146,7 +146,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_marked: bool) -> list[dict]:
-    """One group (official: decay everything, §3.2), or two with `_no_weight_decay` params undecayed."""
+    """One group (official: decay everything, docs/reference.md §3.2), or two with `_no_weight_decay` params undecayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not no_decay_marked:
         return [{"params": params, "weight_decay": weight_decay}]
@@ -156,12 +156,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_marked: b
 
 
 def warmup_constant(warmup_steps: int):
-    """LR factor: linear warmup from 0, then constant (U-ViT's customized_lr_scheduler, §3.2)."""
+    """LR factor: linear warmup from 0, then constant (U-ViT's customized_lr_scheduler, docs/reference.md §3.2)."""
     return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 
 def build_model(cfg: RunConfig):
-    """The DiM, seeded identically on every rank, optionally initialised from an EMA snapshot (§3.4)."""
+    """The DiM, seeded identically on every rank, optionally initialised from an EMA snapshot (docs/reference.md §3.4)."""
     from dimscale.models import adapt_state_dict, build_model as build_dim
     from dimscale.snapshot import read_snapshot
     torch.manual_seed(cfg.train.seed)
@@ -223,9 +223,9 @@ class Inputs:
         from dimscale.diffusion.vae import encode_moments, sample_latent
         x = x.to(self.device, non_blocking=True)
         d = self.cfg.data
-        if d.latent == "online":  # §3.3, 256 path: encode on the fly under no_grad, then sample like stored moments
+        if d.latent == "online":  # docs/reference.md §3.3, 256 px: encode on the fly under no_grad, then sample as moments
             x = encode_moments(self.vae, x.to(next(self.vae.parameters()).dtype))
-        if d.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) every time (§3.3, 512 path)
+        if d.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) each time (docs/reference.md §3.3)
             return sample_latent(x.float(), d.vae_scale, generator)
         if x.shape[1] != self.cfg.model.in_channels:
             raise TrainError(f"the loader gives {x.shape[1]}-channel images but model.in_channels = "
@@ -478,7 +478,7 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
                 step_loss += loss.item()
                 step_images += batch["x"].shape[0]
                 micro += 1
-            ema.update(engine.module)  # after the optimizer step only (B.21), on gathered weights under ZeRO-3
+            ema.update(engine.module)  # optimizer steps only, gathered under ZeRO-3 (docs/engineering-notes.md §B.21)
 
             # one all-reduce per step: summed loss, images, and whether any rank got a stop signal
             totals = torch.tensor([step_loss / accumulation, float(step_images), float(stop.signum)],

@@ -3,9 +3,9 @@
     python tools/sample.py runs/NAME/snapshots/latest --labels 207,360,387 --out grid.png
     python tools/sample.py runs/NAME/snapshots/latest --num 64 --upsample 2 --vae assets/sd-vae-ft-ema --npz s.npz
 
-Defaults are the official ones (§4.1): DPM-Solver++ with 50 NFE, CFG s = 0.4 in the U-ViT form
+Defaults are the official ones (docs/reference.md §4.1): DPM-Solver++ with 50 NFE, CFG s = 0.4 in the U-ViT form
 ε = ε_c + s (ε_c - ε_u) (DiT's w = 1 + s). Sample i uses seed `--seed + i`, so a sample is the same whatever the
-batch size. `--upsample 2|3` generates at 2x / 3x the training resolution with Upsample Guidance (§5.2).
+batch size. `--upsample 2|3` generates at 2x / 3x the training resolution with Upsample Guidance (docs/reference.md §5.2).
 Latent models (snapshot data.latent != 'none') are decoded with the SD VAE from a local diffusers folder (--vae).
 Images become uint8 as clamp(127.5 x + 128, 0, 255) truncated, DiT's sample_ddp.py convention.
 """

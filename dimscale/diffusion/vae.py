@@ -1,4 +1,4 @@
-"""SD-VAE helpers shared by the trainer, tools/make_shards.py and tools/sample.py (dim-reference.md §3.3).
+"""SD-VAE helpers shared by the trainer, tools/make_shards.py and tools/sample.py (docs/reference.md §3.3).
 
 Latent models train on z = scale · (μ + σ ε) with scale 0.18215, drawn fresh from the stored VAE moments.
 The VAE is a diffusers AutoencoderKL loaded from a local folder (nothing downloads at run time).
