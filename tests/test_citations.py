@@ -119,12 +119,12 @@ def test_the_checker_catches_each_kind_of_broken_citation(tmp_path, monkeypatch)
     (tmp_path / "docs" / "reference.md").write_text("# Ref\n## 3 Recipe\n### 3.2 Optimizer\n```\n## 9 fenced\n```\n")
     (tmp_path / "README.md").write_text("[ok](docs/reference.md) [dead](docs/gone.md) [web](https://x.org/a.md)\n")
     src = tmp_path / "mod.py"
-    src.write_text("# docs/reference.md §3.2, §3 and §3-3.2\n"        # fine
-                   "# bare §3.2\n"                                    # no file
-                   "# notes.md §1\n"                                  # not a repo file
-                   "# docs/reference.md §3.3 and §9\n"                # no such headings (9 is inside a fence)
-                   "# see tests/test_gone.py and configs/X.json\n"    # missing path; X is a placeholder
-                   "# tests/t.py::test_there, tests/t.py::test_gone\n"  # a test that is not in its file
+    src.write_text("# docs/reference.md §3.2, §3 and §3-3.2\n"           # fine
+                   "# bare §3.2\n"                                       # no file
+                   "# notes.md §1\n"                                     # not a repo file
+                   "# docs/reference.md §3.3 and §9\n"                   # no such headings (9 is inside a fence)
+                   "# see tests/test_gone.py and configs/X.json\n"       # missing path; X is a placeholder
+                   "# tests/t.py::test_there, tests/t.py::test_gone\n"   # a test that is not in its file
                    "# as field-notes B.24 says\n")                       # a note id with no file and no §
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "t.py").write_text("def test_there():\n    pass\n")
