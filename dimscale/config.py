@@ -39,13 +39,13 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Discrete DDPM objective and sampling defaults (dim-reference.md §3.1, §4.1)."""
+    """Discrete DDPM objective and sampling defaults (docs/reference.md §3.1, §4.1)."""
     num_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     noise_shift: float = 1.0         # SNR_n / shift² (resolution shift, not in the paper): 2 = a 2x finetune's
-    bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (§3.1)
-    p_uncond: float = 0.1            # label -> null class probability (CFG training, §1.10)
+    bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (docs/reference.md §3.1)
+    p_uncond: float = 0.1            # label -> null class probability (CFG training, docs/reference.md §1.10)
     min_snr_gamma: float = 0.0       # > 0: Min-SNR-γ loss weights (not in the paper; faster convergence); 0 = LSimple
     sampler: str = "dpm++"           # 'dpm++' | 'ddim'
     sample_steps: int = 50
@@ -102,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class InitConfig:
-    """Where a stage's weights start (weak-to-strong finetune, §3.4)."""
+    """Where a stage's weights start (weak-to-strong finetune, docs/reference.md §3.4)."""
     after_stage: str = ""            # config name of the stage this one follows (launcher chains them)
     snapshot: str = ""               # EMA snapshot folder to initialise from ('' = from scratch)
 
@@ -256,7 +256,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
 def load_config(path: str, overrides: Optional[list] = None, world_size: Optional[int] = None) -> RunConfig:
     """Read a JSON config, apply `key=value` overrides, type-check and validate."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' not found; pass a JSON file from configs/ (e.g. configs/dim_s_cpu.json)")
+        raise ConfigError(f"config file '{path}' not found; pass a JSON file from configs/ (e.g. configs/dim_t_cpu.json)")
     with open(path) as f:
         try:
             data = json.load(f)

@@ -79,7 +79,7 @@ def init(local_rank: int, world_size: int | None = None, deepspeed: bool = True,
             if not cuda:
                 os.environ["DS_ACCELERATOR"] = "cpu"
                 # The CPU accelerator JIT-compiles a shared-memory op (35-70 s) that only inference_all_reduce
-                # uses (docs/engineering-notes.md D.1); importlib because `deepspeed.comm.torch` as an attribute is
+                # uses (docs/engineering-notes.md §D.1); importlib because `deepspeed.comm.torch` as an attribute is
                 # the torch package.
                 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
             ds.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)

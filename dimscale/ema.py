@@ -1,7 +1,7 @@
 """fp32 EMA of a model's weights that stays correct when DeepSpeed ZeRO-3 shards the parameters.
 
 Under ZeRO-3 a rank holds only a flat slice of each parameter (`p.numel() == 0`), so an EMA built from
-`p.data` would silently average empty tensors (field-notes.md B.21). We gather each chunk of parameters with
+`p.data` would silently average empty tensors (docs/engineering-notes.md §B.21). We gather each chunk of parameters with
 `deepspeed.zero.GatheredParameters` (a no-op on stages 0-2) and keep a full fp32 copy on every rank, so any
 rank can write the snapshot and resume needs nothing but the copy in the checkpoint.
 """
@@ -40,7 +40,7 @@ def _chunks(named_params):
 
 
 class EMA:
-    """shadow = decay * shadow + (1 - decay) * param, on optimizer steps only (dim-reference.md §3.2: 0.9999)."""
+    """shadow = decay * shadow + (1 - decay) * param, on optimizer steps only (docs/reference.md §3.2: 0.9999)."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay

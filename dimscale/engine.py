@@ -31,7 +31,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
         "checkpoint": {"tag_validation": "FAIL"},
     }
     # bf16: DeepSpeed's "bf16" mode casts the whole module to bf16 and flattens same-dtype buffers, so it cannot
-    # keep the SSM parameters (A_log, D, dt_proj) in fp32 as the Mamba authors require (field-notes.md B.18).
+    # keep the SSM parameters (A_log, D, dt_proj) in fp32 as the Mamba authors require (docs/engineering-notes.md §B.18).
     # DeepSpeed's torch_autocast keeps every parameter, gradient and optimizer state in fp32 and runs the matmuls
     # and convs in bf16 (the AMP setup the Mamba README recommends); the model's scan itself runs in fp32.
     if t.precision == "bf16":
@@ -40,7 +40,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, num_params: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_marked: bool) -> list[dict]:
-    """One group (official: decay everything, §3.2), or two with `_no_weight_decay` params undecayed."""
+    """One group (official: decay everything, docs/reference.md §3.2), or two with `_no_weight_decay` params undecayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not no_decay_marked:
         return [{"params": params, "weight_decay": weight_decay}]
@@ -50,7 +50,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_marked: b
 
 
 def warmup_constant(warmup_steps: int):
-    """LR factor: linear warmup from 0, then constant (U-ViT's customized_lr_scheduler, §3.2)."""
+    """LR factor: linear warmup from 0, then constant (U-ViT's customized_lr_scheduler, docs/reference.md §3.2)."""
     return lambda step: min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 

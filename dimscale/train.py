@@ -138,7 +138,7 @@ class Run:
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
-    """The DiM, seeded identically on every rank, optionally initialised from an EMA snapshot (§3.4)."""
+    """The DiM, seeded identically on every rank, optionally initialised from an EMA snapshot (docs/reference.md §3.4)."""
     from dimscale.models import adapt_state_dict, build_model as build_dim
     from dimscale.snapshot import read_snapshot
     torch.manual_seed(cfg.train.seed)
@@ -230,7 +230,7 @@ def train_step(run: Run, batches) -> StepResult:
         loss_sum += loss.item()
         images += batch["x"].shape[0]
         micro += 1
-    run.ema.update(engine.module)  # after the optimizer step only (B.21), on gathered weights under ZeRO-3
+    run.ema.update(engine.module)  # after the optimizer step only (docs/engineering-notes.md §B.21), gathered weights under ZeRO-3
     return StepResult(loss=loss_sum / accumulation, images=images, grad_norm=grad_norm)
 
 

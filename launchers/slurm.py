@@ -8,7 +8,7 @@ The config names the stage it follows (`init.after_stage`, a config next to it);
 submitted first and the next one depends on it (afterok) and starts from its EMA snapshot
 (`<run>/snapshots/latest`, passed as `--set init.snapshot=...`). Stages that already finished are skipped.
 
-Preemption and time limits (field-notes B.23/B.24): SLURM sends USR2 (`--signal`) to every task. The
+Preemption and time limits (docs/engineering-notes.md §B.23, §B.24): SLURM sends USR2 (`--signal`) to every task. The
 trainer (dimscale/train.py) catches USR1/USR2/TERM, all ranks agree at the next step boundary, save
 `checkpoints/latest`, call `on_preempt` on rank 0 and return 3. Only then, after the save is complete on
 every rank, rank 0 requeues the job (`scontrol requeue`); the requeued job runs the same task, which resumes
@@ -17,7 +17,7 @@ and no USR2: the job is already being requeued, so rank 0 only exits, and the re
 checkpoint the trainer managed to write (the SIGTERM save if it fits in KillWait, else the last periodic one).
 A USR2 that arrives before the trainer has installed its handlers reaches submitit's, which calls
 StageTask.checkpoint() and requeues at once: nothing new to save yet. Nothing here ever points at a numbered
-checkpoint (MAE's requeue bug, field-notes B.24). `--local` runs the same tasks through submitit's local
+checkpoint (MAE's requeue bug, docs/engineering-notes.md §B.24). `--local` runs the same tasks through submitit's local
 executor, one stage after the other.
 """
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_drop_labels():
 # ------------------------------------------------------------------------------------------------ samplers
 
 def test_fast_orders_match_official_nfe():
-    assert fast_orders(50) == [3] * 16 + [2]               # §4.1: 16 third-order + 1 second-order step
+    assert fast_orders(50) == [3] * 16 + [2]               # docs/reference.md §4.1: 16 third-order + 1 second-order step
     for steps in range(1, 40):
         assert sum(fast_orders(steps)) == steps
     model = GaussianDenoiser([0.0], 1.0, null_class=1)

@@ -1,6 +1,6 @@
 """The FID Inception: the real weights file's key names and shapes, TF1 resize, and one tiny tool run.
 
-The real pt_inception weights are not available offline (offline-data.md §2), so the state dict is generated
+The real pt_inception weights are not available offline (docs/engineering-notes.md §D.2), so the state dict is generated
 here with the file's exact layout and batch-norm statistics re-estimated on real photos (a random Inception with
 BN left at 0/1 gives ~1e-8 features and FID 0 everywhere). Inception at 299 on CPU is slow: a handful of images.
 """

@@ -28,7 +28,7 @@ def inputs(B=2, H=16, W=16, seed=1):
 # ---------------------------------------------------------------- layout: chain, pads, orders
 
 def test_chain_equals_reference_doc_depth_49_and_25():
-    # dim-reference.md §1.5: "0 | -2 1 -1 0 (x6 -> blocks 1..24) | -1 1 -2 0 (x6 -> blocks 25..48)"
+    # docs/reference.md §1.5: "0 | -2 1 -1 0 (x6 -> blocks 1..24) | -1 1 -2 0 (x6 -> blocks 25..48)"
     assert scan_chain(49) == [0] + [-2, 1, -1, 0] * 6 + [-1, 1, -2, 0] * 6
     assert scan_chain(25) == [0] + [-2, 1, -1, 0] * 3 + [-1, 1, -2, 0] * 3      # "CIFAR-S uses the same rule"
     for depth in (5, 25, 49):                                                   # mirror: skips meet their order

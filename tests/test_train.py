@@ -83,7 +83,7 @@ def test_slurm_and_plain_environments_map_to_rank_and_world(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Finetune from a snapshot made at another resolution (weak-to-strong, dim-reference.md §3.4)
+# Finetune from a snapshot made at another resolution (weak-to-strong, docs/reference.md §3.4)
 # ------------------------------------------------------------------------------------------------
 
 def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process, tmp_path):
@@ -118,7 +118,7 @@ def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process,
 
 
 # ------------------------------------------------------------------------------------------------
-# SD-VAE latent space: moments stored in the shards, or encoded on the fly (dim-reference.md §3.3)
+# SD-VAE latent space: moments stored in the shards, or encoded on the fly (docs/reference.md §3.3)
 # ------------------------------------------------------------------------------------------------
 
 def test_latent_training_from_moments_and_online_vae(one_process, tmp_path, capsys):

@@ -5,7 +5,7 @@
     python tools/demo.py --docs-images docs/images    # also refresh the README's sample grids
 
 Every stage is the project's own command line, run as a subprocess and printed, so the demo doubles as a
-walkthrough (dim-reference.md §3.4 weak-to-strong, §5 training-free upsampling):
+walkthrough (docs/reference.md §3.4 weak-to-strong, §5 training-free upsampling):
  1. tools/make_shards.py          Fashion-MNIST IDX files (Debian dataset-fashion-mnist) -> 32x32 grey PNG shards
  2. dimscale.metrics.classifier   a small Fashion-MNIST classifier, the offline stand-in detector (no Inception offline)
     tools/fid.py ref              and the reference statistics of the real shards in its feature space
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     run("reference", [py, "tools/fid.py", "ref", shards, "--out", ref, "--num-images", str(size["ref_images"]),
                       "--detector", f"classifier:{clf}", "--no-progress"], env, logs, timings, args.from_stage)
 
-    # 3-4. pretrain at 16x16, finetune at 32x32 from the pretrain's EMA snapshot (weak-to-strong, §3.4)
+    # 3-4. pretrain at 16x16, finetune at 32x32 from the pretrain's EMA snapshot (weak-to-strong, docs/reference.md §3.4)
     # torchrun, then `--` so that script options are never taken for abbreviations of torchrun's (--num)
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "--"]
     launch = torchrun + ["dimscale/train.py"]

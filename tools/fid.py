@@ -14,8 +14,8 @@ set and every batch are the same on 1 or 64 ranks. Ranks accumulate float64 Σx 
 Reference files: ADM reference batches (mu, sigma, arr_0) and pytorch-fid stats (mu, sigma); `ref` writes the same
 layout plus a `protocol` entry naming the detector, so a mismatched reference is refused.
 Conventions (recorded in the output): images -> uint8 as clamp(127.5x+128) truncated (DiT sample_ddp.py, =
-round((x+1)·127.5), field-notes.md B.26); CFG s in the U-ViT form ε = ε_c + s(ε_c - ε_u), DiT/ADM w = 1 + s
-(dim-reference.md §1.10); resize to 299 with TF1 bilinear by default (= TF / torch-fidelity), or pytorch-fid's.
+round((x+1)·127.5), docs/engineering-notes.md §B.26); CFG s in the U-ViT form ε = ε_c + s(ε_c - ε_u), DiT/ADM w = 1 + s
+(docs/reference.md §1.10); resize to 299 with TF1 bilinear by default (= TF / torch-fidelity), or pytorch-fid's.
 The output is one JSON line (rank 0): metrics and the full protocol.
 """
 from __future__ import annotations

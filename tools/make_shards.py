@@ -43,7 +43,7 @@ from dimscale.data.images import resize_center_crop, to_mode  # noqa: E402
 
 TOOL_VERSION = "1.0"
 if sys.platform.startswith("linux"):
-    # Keep ~256 kB image buffers off mmap/munmap: Pillow's decode path is ~2x faster (offline-data.md §4).
+    # Keep ~256 kB image buffers off mmap/munmap: Pillow's decode path is ~2x faster (docs/engineering-notes.md §D.4).
     _libc = ctypes.CDLL("libc.so.6")
     _libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
     _libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD

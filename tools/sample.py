@@ -6,8 +6,8 @@
 Defaults are the snapshot's recorded sampling protocol, else the official ones (docs/reference.md §4.1):
 DPM-Solver++ with 50 NFE, CFG s = 0.4 in the U-ViT form ε = ε_c + s (ε_c - ε_u) (DiT's w = 1 + s). Sample i uses
 seed `--seed + i`, so a sample is the same whatever the batch size. `--upsample 2|3` generates at 2x / 3x the
-training resolution with Upsample Guidance (§5.2). Latent models are decoded with the SD VAE from a local diffusers
-folder (--vae). Images become uint8 as clamp(127.5 x + 128, 0, 255) truncated, DiT's sample_ddp.py convention.
+training resolution with Upsample Guidance (docs/reference.md §5.2). Latent models are decoded with the SD VAE
+from a local diffusers folder (--vae). Images become uint8 as clamp(127.5 x + 128, 0, 255) truncated, DiT's sample_ddp.py convention.
 The flags are the ones tools/fid.py shares (dimscale/generate.py add_sampling_args).
 """
 from __future__ import annotations

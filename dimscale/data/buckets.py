@@ -3,7 +3,7 @@
 Write time (tools/make_shards.py): each image goes to the bucket whose aspect ratio is nearest in log space
 (SDXL / PixArt-alpha aspect tables). Train time (loader.py): the bucket of step s is a pure function of
 (seed, s), so every rank trains on the same bucket at every step and a resumed run replays the same sequence.
-Per-bucket probability and micro-batch follow Open-Sora's bucket_config (field-notes.md A3, B.12).
+Per-bucket probability and micro-batch follow Open-Sora's bucket_config (docs/engineering-notes.md §A.3, §B.12).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 # Aspect ratios w/h of the default table: portrait 1:3 ... landscape 3:1 (PixArt's table spans 1:4 ... 4:1;
-# the extremes hold almost no photos, field-notes offline-data §1b counts).
+# the extremes hold almost no photos, docs/engineering-notes.md §D.1).
 DEFAULT_ASPECTS = (1 / 3, 1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0, 3.0)
 
 

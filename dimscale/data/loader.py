@@ -5,13 +5,15 @@
         ...
         ckpt["data"] = loader.state_dict()          # small: a step counter and two ints per (lane, bucket)
 
-Everything is a pure function of (seed, rank, step), so nothing random has to be saved (field-notes B.8-B.12):
+Everything is a pure function of (seed, rank, step), so nothing random has to be saved
+(docs/engineering-notes.md §B.8-B.12):
 - Step s trains bucket `BucketSchedule.bucket(s)` on every rank (all ranks agree without talking).
 - Batches are made in `lanes` (one per DataLoader worker; lane = s mod lanes). The DataLoader hands out batches
   round-robin over workers, so after restoring at step k, worker w serves lane (k + w) mod lanes.
 - The samples of (bucket, rank, lane) form an endless stream over the shard sequence G = perm_0 + perm_1 + ...
   (perm_e: a seeded permutation of the bucket's shards for epoch e). Slot rank*lanes + lane reads G[slot::ranks*lanes]:
-  within one pass the slots read disjoint shards, and no rank ever runs dry (resampling across epochs, B.8).
+  within one pass the slots read disjoint shards, and no rank ever runs dry (resampling across epochs,
+  docs/engineering-notes.md §B.8).
 - Inside a shard, windows of `shuffle_buffer` samples are permuted (seeded by shard position and window), so a
   stream's position is two ints: (k-th shard of the stream, samples taken from it). Restoring opens the current
   shard and skips the taken samples as raw bytes (read, never decoded); earlier shards are not touched.

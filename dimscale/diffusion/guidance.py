@@ -1,4 +1,5 @@
-"""Classifier-free guidance (§1.10) and Upsample Guidance for sampling above the training resolution (§5.2).
+"""Classifier-free guidance, and Upsample Guidance for sampling above the training resolution
+(docs/reference.md §1.10, §5.2).
 
 Both wrap a denoiser into `eps_fn(x, t)`, where t (B,) is continuous time in (0, 1] and the network sees T·t.
 """
@@ -41,8 +42,8 @@ def upsample(x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def ug_tau(schedule: Schedule, t: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ᾱ_t, τ) of §5.2: ᾱ_t is the discrete ᾱ at floor(T t); τ = n*/T with n* on the 1..T grid minimising
-    |SNR_n - m² SNR(t)|, clamped to τ <= t. (The official code maps the grid index to (T-1-i)/(T-1), i.e. τ
+    """(ᾱ_t, τ) of docs/reference.md §5.2: ᾱ_t is the discrete ᾱ at floor(T t); τ = n*/T with n* on the 1..T
+    grid minimising |SNR_n - m² SNR(t)|, clamped to τ <= t. (The official code maps the grid index to (T-1-i)/(T-1), i.e. τ
     off by < 1/T; we keep τ on the same n/T grid the network was trained on.)"""
     T = schedule.num_timesteps
     acp, snr = schedule.alphas_cumprod.to(t.device), schedule.snr.to(t.device)
@@ -55,7 +56,8 @@ def ug_tau(schedule: Schedule, t: torch.Tensor, m: int) -> tuple[torch.Tensor, t
 
 
 def upsample_guidance(eps_fn, schedule: Schedule, m: int, theta: float = 1.0, eta: float = 0.3, t_max: float = 1.0):
-    """Wrap eps_fn for an m-times larger grid (Upsample Guidance, arXiv 2404.01709; `make_ufg_nnet`, §5.2):
+    """Wrap eps_fn for an m-times larger grid (Upsample Guidance, arXiv 2404.01709; official `make_ufg_nnet`,
+    docs/reference.md §5.2):
 
         ε = ε_hi + w_t U_m( ε_lo / m - D_m(ε_hi) ),   ε_lo = eps_fn(D_m(x_t) / √P, τ),   P = ᾱ_t + (1 - ᾱ_t) / m²,
         w_t = θ · 1[t >= (1 - η) t_max].

@@ -1,10 +1,10 @@
-"""DPM-Solver++ and DDIM over the discrete schedule in continuous time, and `sample()` (dim-reference.md §4.1).
+"""DPM-Solver++ and DDIM over the discrete schedule in continuous time, and `sample()` (docs/reference.md §4.1).
 
 Official setting: DPM-Solver++ (data prediction, arXiv 2211.01095), method 'fast' of order 3, time-uniform steps
 from T = 1 to eps = 1/N, 50 NFE = 16 third-order steps + 1 second-order step, no final denoising step.
 Each solver step of order k spans k intervals of the time-uniform grid of `steps` intervals and evaluates the model
 at the grid points inside it (singlestep DPM-Solver++(kS) with r_j = (λ_{s_j} - λ_s) / h), as U-ViT's dpm_solver_pp.
-DDIM (η = 0) is the first-order DPM-Solver++ step (DPM-Solver++ paper, §4.1), so it shares the same code.
+DDIM (η = 0) is the first-order DPM-Solver++ step (docs/reference.md §4.1), so it shares the same code.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++",
     """Generate x0 (B, C, mH, mW) for labels (B,) from base shape (C, H, W) and m = upsample_factor.
 
     `model(x, t, y) -> eps` is any denoiser with a `null_class` attribute (t in [0, 1000]). With m > 1 the model
-    runs on the m-times larger grid (DiM interpolates its pos-emb) and Upsample Guidance (§5.2) steers it with
+    runs on the m-times larger grid (DiM interpolates its pos-emb) and Upsample Guidance
+    (docs/reference.md §5.2) steers it with
     base-grid passes during t >= 1 - ug_eta. Returns the ODE state at t = 1/N, as the official sampler does.
     """
     if sampler not in SAMPLERS:

@@ -1,4 +1,4 @@
-"""Discrete DDPM noise schedule and training objective (dim-reference.md §3.1, §1.10).
+"""Discrete DDPM noise schedule and training objective (docs/reference.md §3.1, §1.10).
 
 Index convention (U-ViT / DiM `Schedule`): the network step n runs 1..T and
     alphas_cumprod[n - 1] = ᾱ_n = prod_{k<=n} (1 - β_k),     x_n = √ᾱ_n x0 + √(1 - ᾱ_n) ε.
@@ -33,7 +33,7 @@ class Schedule:
         self.num_timesteps = T = num_timesteps
         self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
         abar = torch.cumprod(1.0 - self.betas, dim=0)
-        # resolution shift (not in the paper; Hoogeboom et al. 2023 "simple diffusion" §3.1, SD3 §5.3.2):
+        # resolution shift (not in the paper; Hoogeboom et al. 2023 "simple diffusion" Sec. 3.1, SD3 Sec. 5.3.2):
         # SNR_n / shift², so a model at k times the resolution sees the noise level of its pretraining at step n
         self.alphas_cumprod = abar / (abar + noise_shift ** 2 * (1.0 - abar))  # [n - 1] -> ᾱ_n
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)          # [n - 1] -> SNR_n, decreasing
@@ -79,7 +79,7 @@ class Schedule:
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by `null_class` with probability p (CFG training, §1.10: p_uncond 0.1 / 0.15).
+    """Replace each label by `null_class` with probability p (CFG training, docs/reference.md §1.10: p_uncond 0.1 / 0.15).
 
     The official code does this in the dataset (CFGDataset); we do it in the training step so data stays clean.
     """
@@ -93,7 +93,8 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Gen
 def training_loss(model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
                   generator: torch.Generator | None = None, bf16_timesteps: bool = False,
                   min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """ε-prediction MSE (LSimple, §3.1): n ~ U{1..T}, loss = mean over all elements of (ε - ε_θ(x_n, n, y))².
+    """ε-prediction MSE (LSimple, docs/reference.md §3.1): n ~ U{1..T},
+    loss = mean over all elements of (ε - ε_θ(x_n, n, y))².
 
     bf16_timesteps replicates the official quirk: `Schedule.sample` returns n in x0's dtype (bf16), so the
     network sees n rounded to steps of 2 above 256 and of 4 above 512; x_n itself uses the exact n. Off by default.

@@ -1,4 +1,4 @@
-"""SD-VAE helpers shared by the trainer, tools/make_shards.py and tools/sample.py (dim-reference.md §3.3).
+"""SD-VAE helpers shared by the trainer, tools/make_shards.py and tools/sample.py (docs/reference.md §3.3).
 
 Latent models train on z = scale · (μ + σ ε) with scale 0.18215, drawn fresh from the stored VAE moments.
 The VAE is a diffusers AutoencoderKL loaded from a local folder (nothing downloads at run time).
@@ -59,9 +59,9 @@ class ModelInputs:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if self.data.latent == "online":  # §3.3, 256 path: encode on the fly under no_grad, then sample the moments
+        if self.data.latent == "online":  # docs/reference.md §3.3 (256): encode under no_grad, then sample
             x = encode_moments(self.vae, x.to(next(self.vae.parameters()).dtype))
-        if self.data.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) every time (§3.3, 512)
+        if self.data.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) (docs/reference.md §3.3)
             return sample_latent(x.float(), self.data.vae_scale, generator)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"the loader gives {x.shape[1]}-channel images but model.in_channels = "

@@ -1,6 +1,6 @@
 """A small Fashion-MNIST classifier: the offline stand-in detector for demos. Its numbers are NOT FID.
 
-There are no Inception weights offline (offline-data.md §2), so the demo measures samples with a classifier
+There are no Inception weights offline (docs/engineering-notes.md §D.2), so the demo measures samples with a classifier
 trained here on the demo data: a Fréchet distance in its 128-d penultimate features ("Fréchet classifier
 distance", FCD) and the accuracy of the classifier on class-conditional samples (does a sample of class c look
 like class c?). It takes any uint8 image (B, 1|3, H, W): grey = channel mean, resized to 28x28.

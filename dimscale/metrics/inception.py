@@ -2,16 +2,16 @@
 
 Parameter names and shapes are those of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torchvision's
 Inception v3 layout with num_classes=1008, no aux head), which torch-fidelity and torchmetrics load too.
-Written here because torchvision cannot be imported beside the CPU torch (offline-data.md §3). The TF graph
+Written here because torchvision cannot be imported beside the CPU torch (docs/engineering-notes.md §D.3). The TF graph
 differs from torchvision's in four places (pytorch-fid FIDInceptionA/C/E_1/E_2): its 3x3 average pools ignore
 the zero padding, and the last block max-pools its pool branch.
 
-Input: uint8 (or 0..255 float) images (B, 3, H, W). Two resizes to 299 (field-notes.md B.1, B.6, §C):
+Input: uint8 (or 0..255 float) images (B, 3, H, W). Two resizes to 299 (docs/engineering-notes.md §B.1, §B.6, §C):
     'tf1'          TF1 bilinear (align_corners=False, no half-pixel centres), then (x-128)/128, as the TF graph
                    and torch-fidelity do: agrees with the ADM/TTUR TF evaluators.
-    'pytorch-fid'  x/255, F.interpolate bilinear (align_corners=False), then 2x-1, as pytorch-fid and DiM's
-                   tools/fid_score.py: differs from TF wherever inputs are not 299x299.
-There are no Inception weights offline (offline-data.md §2): `resolve_weights` takes a path, the torch hub
+    'pytorch-fid'  x/255, F.interpolate bilinear (align_corners=False), then 2x-1, as pytorch-fid and the official
+                   DiM-DiffusionMamba/tools/fid_score.py: differs from TF wherever inputs are not 299x299.
+There are no Inception weights offline (docs/engineering-notes.md §D.2): `resolve_weights` takes a path, the torch hub
 cache, or downloads; otherwise it fails naming the file and where to put it.
 """
 from __future__ import annotations
@@ -289,7 +289,7 @@ def standin_state_dict(images: torch.Tensor, seed: int = 0) -> dict:
     """NOT the FID weights: a random Inception in the pt_inception layout for offline tests and benchmarks.
 
     Plain random init leaves BN at mean 0 / var 1 and pool3 features of ~1e-8, so every FID is 0
-    (offline-data.md §2). Re-estimating BN statistics in one train-mode pass over real images (uint8
+    (docs/engineering-notes.md §D.2). Re-estimating BN statistics in one train-mode pass over real images (uint8
     (B, 3, H, W), a dozen or more) gives features of ~0.3 and FIDs that respond to the data.
     """
     torch.manual_seed(seed)

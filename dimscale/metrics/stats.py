@@ -1,8 +1,8 @@
 """Feature statistics that add up across ranks, and the metrics computed from them.
 
 Every rank accumulates float64 Σx and Σxxᵀ over its own images and the sums are all-reduced (EDM2
-calculate_metrics.py pattern, field-notes.md §C): no features or images travel, and the result does not depend
-on how the images were split over ranks. Float64 matters (field-notes.md B.2: float32 accumulation made
+calculate_metrics.py pattern, docs/engineering-notes.md §C): no features or images travel, and the result does not depend
+on how the images were split over ranks. Float64 matters (docs/engineering-notes.md §B.2: float32 accumulation made
 torcheval drift). Inception Score is accumulated the same way, per split of sample indices. Precision/recall
 need the features themselves (k-NN), so only that metric keeps and gathers them.
 """

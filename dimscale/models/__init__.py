@@ -1,4 +1,4 @@
-"""The DiM backbone, its attention baseline, and the named model zoo (dim-reference.md §2)."""
+"""The DiM backbone, its attention baseline, and the named model zoo (docs/reference.md §2)."""
 from __future__ import annotations
 
 from dimscale.config import ModelConfig
@@ -25,7 +25,7 @@ def build_model(cfg: ModelConfig) -> DiM:
 
 def adapt_state_dict(state_dict: dict, model: DiM) -> dict:
     """Copy of `state_dict` whose pos-emb is resized (bilinear, prefix rows kept) to `model`'s grid, for
-    finetuning from a snapshot of another resolution (official `load_pretrained_model`, §3.4)."""
+    finetuning from a snapshot of another resolution (official `load_pretrained_model`, docs/reference.md §3.4)."""
     out = dict(state_dict)
     want = model.pos_embed.shape
     have = out.get("pos_embed")

@@ -1,14 +1,16 @@
 """DiM (Diffusion Mamba, arXiv 2405.14224) as in the official code tyshiwo1/DiM-DiffusionMamba @292b228.
 
-Every numbered reference (§x.y) is a section of docs/dim-reference.md. The forward pass, top to bottom:
-    x (B, C, H, W) --conv patch p--> tokens (B, h*w, D)          §1.1
-    [t_tok, y_tok, tokens] + learnable pos-emb (bilinear to h, w)  §1.2.1, §1.3
-    depthwise 3x3 conv; pad grid to (h+3)x(w+3) with pad tokens    §1.4
-    seq = [t_tok, y_tok, s0, s1, s2, grid]                          §1.4
-    blocks: skip fusion -> scan-order switch -> x + (1+gate) Mixer(RMSNorm(x)(1+scale)+shift)   §1.5-1.7
-    un-pad, depthwise 3x3 conv, RMSNorm + final adaLN, Linear, unpatchify                        §1.8
+The forward pass, top to bottom, each step with its section of docs/reference.md:
+    x (B, C, H, W) --conv patch p--> tokens (B, h*w, D)                docs/reference.md §1.1
+    [t_tok, y_tok, tokens] + learnable pos-emb (bilinear to h, w)      docs/reference.md §1.2.1, §1.3
+    depthwise 3x3 conv; pad grid to (h+3)x(w+3) with pad tokens        docs/reference.md §1.4
+    seq = [t_tok, y_tok, s0, s1, s2, grid]                             docs/reference.md §1.4
+    blocks: skip fusion -> scan-order switch -> x + (1+gate) Mixer(RMSNorm(x)(1+scale)+shift)
+                                                                       docs/reference.md §1.5-1.7
+    un-pad, depthwise 3x3 conv, RMSNorm + final adaLN, Linear, unpatchify   docs/reference.md §1.8
 Deliberate choices: the official skip-tune (upsampling configs only) scales skips by >= 0.99982, a no-op
-(§1.7), so it is left out; FreeU, token dropout and drop-path are off in the released configs and are left out.
+(docs/reference.md §1.7), so it is left out; FreeU, token dropout and drop-path are off in the released configs
+and are left out.
 `mixer='attention'` swaps each Mamba for multi-head self-attention (F.scaled_dot_product_attention) on the
 same skeleton; attention ignores token order, so that variant has no pad cells and no scan-order switches.
 This file holds the network only: no training, data or parallelism code.
@@ -67,12 +69,13 @@ class Attention(nn.Module):
 
 
 class DiMBlock(nn.Module):
-    """One block (§1.6): optional U-ViT skip fusion, then x + (1 + gate) * Mixer(RMSNorm(x) * (1 + scale) + shift)."""
+    """One block (docs/reference.md §1.6): optional U-ViT skip fusion, then
+    x + (1 + gate) * Mixer(RMSNorm(x) * (1 + scale) + shift)."""
 
     def __init__(self, dim, mixer, has_skip, scan_backend):
         super().__init__()
         self.skip_linear = None
-        if has_skip:  # §1.7: one Linear(2D->D) on [x, skip] up to D=512, two DxD Linears above
+        if has_skip:  # docs/reference.md §1.7: one Linear(2D->D) on [x, skip] up to D=512, two DxD Linears above
             self.skip_linear = nn.Linear(2 * dim, dim) if dim <= 512 else nn.ModuleList([nn.Linear(dim, dim),
                                                                                           nn.Linear(dim, dim)])
         self.norm = RMSNorm(dim)
@@ -115,24 +118,24 @@ class DiM(nn.Module):
         self.pad_mode, self.mixer, self.pad_len = pad_mode, mixer, pad_len
         self.grad_checkpointing = grad_checkpointing
         self.base_grid = input_size // patch
-        # tokens and conditioning (§1.1-1.3)
+        # tokens and conditioning (docs/reference.md §1.1-1.3)
         self.patch_embed = nn.Conv2d(in_channels, D, kernel_size=patch, stride=patch)
         self.label_emb = nn.Embedding(num_classes + 1, D)                      # class token; id num_classes = null
         self.pos_embed = nn.Parameter(torch.zeros(1, PREFIX + self.base_grid ** 2, D))
         self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))  # adaLN-single timestep MLP
         self.class_emb = nn.Embedding(num_classes + 1, D)                      # adaLN-single class embedding
         self.adaln_single = nn.Linear(D, 3 * D)
-        # sequence preparation (§1.4)
+        # sequence preparation (docs/reference.md §1.4)
         self.first_smoother = nn.Conv2d(D, D, 3, padding=1, groups=D)
         self.last_smoother = nn.Conv2d(D, D, 3, padding=1, groups=D)
         self.sep_tokens = nn.Parameter(torch.randn(1, pad_len, D) * 0.02)      # s_0..s_2 after [t, y]
         self.pad_token = nn.Parameter(torch.randn(1, D, pad_len) * 0.02) if mixer == "mamba" else None
-        # blocks (§1.5-1.7): block 0, encoder blocks 1..depth//2, decoder blocks (skips) after
+        # blocks (docs/reference.md §1.5-1.7): block 0, encoder blocks 1..depth//2, decoder blocks (skips) after
         self.encoder_start, half = 1, (depth - 1) // 2
         self.skip_from = list(range(self.encoder_start, self.encoder_start + half))
         self.blocks = nn.ModuleList([DiMBlock(D, mixer, i >= depth - half, scan_backend) for i in range(depth)])
         self.chain = scan_chain(depth, self.encoder_start) if mixer == "mamba" else [0] * depth
-        # head (§1.8)
+        # head (docs/reference.md §1.8)
         self.norm_out = RMSNorm(D)
         self.proj_out_1 = nn.Linear(D, 2 * D)                                   # final adaLN from token embeddings
         self.proj_out_2 = nn.Linear(D, patch * patch * in_channels)
@@ -141,8 +144,9 @@ class DiM(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """§1.9: Linear biases 0 (except dt_proj), embeddings and timestep-MLP weights N(0, 0.02), mixer out_proj
-        kaiming-uniform(a=sqrt 5) / sqrt(depth); pos-emb 0; everything else keeps its PyTorch/Mamba default."""
+        """docs/reference.md §1.9: Linear biases 0 (except dt_proj), embeddings and timestep-MLP weights N(0, 0.02),
+        mixer out_proj kaiming-uniform(a=sqrt 5) / sqrt(depth); pos-emb 0; everything else keeps its PyTorch/Mamba
+        default."""
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
                 nn.init.zeros_(m.bias)
@@ -174,7 +178,8 @@ class DiM(nn.Module):
         return self._layouts[key]
 
     def pos_embed_for(self, h, w):
-        """(1, 2 + h*w, D) pos-emb; the image part bilinearly resized when (h, w) differs from the base grid (§1.3)."""
+        """(1, 2 + h*w, D) pos-emb; the image part bilinearly resized when (h, w) differs from the base grid
+        (docs/reference.md §1.3)."""
         if (h, w) == (self.base_grid, self.base_grid):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, (h, w))
@@ -192,12 +197,12 @@ class DiM(nn.Module):
         h, w = H // p, W // p
         perms, pads = self.layout(h, w, x.device)
         dtype = self.patch_embed.weight.dtype
-        # conditioning (§1.2): tokens, adaLN-single vector, final-layer adaLN input
+        # conditioning (docs/reference.md §1.2): tokens, adaLN-single vector, final-layer adaLN input
         t_tok = timestep_embedding(t, D)                                             # (B, D), fed directly
         y_tok = self.label_emb(y)                                                    # (B, D)
         e = self.t_mlp(timestep_embedding(t, 256).to(dtype)) + self.class_emb(y)
         mod = self.adaln_single(F.silu(e))                                           # (B, 3D), shared by blocks
-        # tokens + pos-emb (§1.3), then smoother and pads (§1.4); the residual stream is fp32
+        # tokens + pos-emb, then smoother and pads (docs/reference.md §1.3, §1.4); the residual stream is fp32
         tokens = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)            # (B, h*w, D)
         seq = torch.cat([t_tok[:, None].to(tokens.dtype), y_tok[:, None], tokens], 1) + self.pos_embed_for(h, w)
         prefix, img = seq[:, :PREFIX].float(), seq[:, PREFIX:]
@@ -209,7 +214,7 @@ class DiM(nn.Module):
             grid[:, pad_pos] = self.pad_token[0].t()[pad_id].float()                 # (n_pad, D) broadcast
             img = grid
         x = torch.cat([prefix, self.sep_tokens.float().expand(B, -1, -1), img], 1)  # (B, 5 + grid, D)
-        # blocks with U-ViT long skips (§1.7); the skip pushed is the whole stream after the encoder block
+        # blocks with U-ViT long skips (docs/reference.md §1.7); the skip pushed is the whole stream after the encoder block
         skips = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
@@ -219,7 +224,7 @@ class DiM(nn.Module):
                 x = block(x, mod, perms[i], skip)
             if i in self.skip_from:
                 skips.append(x)
-        # head (§1.8): the chain ends in order 0, so the grid is row-major again
+        # head (docs/reference.md §1.8): the chain ends in order 0, so the grid is row-major again
         img = x[:, PREFIX + self.pad_len:]
         if pads is not None:
             img = img[:, pads[0]]                                                    # (B, h*w, D)

@@ -1,4 +1,4 @@
-"""Token layout of DiM: the padded 2-D grid, the 4 scan orders, the per-block order chain (dim-reference.md §1.4-1.5).
+"""Token layout of DiM: the padded 2-D grid, the 4 scan orders, the per-block order chain (docs/reference.md §1.4-1.5).
 
 Pure index math on LongTensors, for any grid (h, w), square or not. A padded grid has (h+P) x (w+P) cells,
 numbered row-major ("grid index" i*(w+P)+j); P = d_conv = 3 pad cells close every row and every column, so
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-SCAN_ORDERS = (0, -2, 1, -1)  # row-major, reversed row-major, column-major, reversed column-major (§1.5)
+SCAN_ORDERS = (0, -2, 1, -1)  # row-major, reversed row-major, column-major, reversed column-major (docs/reference.md §1.5)
 
 
 def scan_chain(depth: int, encoder_start: int = 1) -> list[int]:
     """Scan order of every block: blocks before `encoder_start` use 0, the encoder half cycles forward through
-    SCAN_ORDERS, the middle block steps back one, the decoder cycles backward, the last block is 0 (§1.5,
+    SCAN_ORDERS, the middle block steps back one, the decoder cycles backward, the last block is 0 (docs/reference.md §1.5,
     official `_init_scan_patterns`). Mirrored, so each skip arrives in the order of the stream it joins."""
     if depth < 1 or encoder_start < 0 or encoder_start >= depth:
         raise ValueError(f"scan_chain: need depth >= 1 and 0 <= encoder_start < depth, got {depth}, {encoder_start}")

@@ -1,5 +1,5 @@
 """Mamba-1 mixer with mamba-ssm's parameter names (mamba_ssm/modules/mamba_simple.py `Mamba`), so a state dict
-moves unchanged between this pure-PyTorch path and mamba-ssm's fused CUDA path (dim-reference.md §1.6, §1.9)."""
+moves unchanged between this pure-PyTorch path and mamba-ssm's fused CUDA path (docs/reference.md §1.6, §1.9)."""
 from __future__ import annotations
 
 import math
@@ -29,14 +29,14 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        self.A_log._no_weight_decay = True  # mamba-ssm's marks (the official DiM recipe ignores them, §3.2)
+        self.A_log._no_weight_decay = True  # mamba-ssm's marks (the official recipe ignores them, docs/reference.md §3.2)
         self.D._no_weight_decay = True
         self.dt_init_range = (dt_min, dt_max, dt_init_floor)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """Mamba init (§1.9): dt_proj.weight ~ U(+-dt_rank^-0.5), softplus(dt_proj.bias) log-uniform in
+        """Mamba init (docs/reference.md §1.9): dt_proj.weight ~ U(+-dt_rank^-0.5), softplus(dt_proj.bias) log-uniform in
         [dt_min, dt_max], A = -[1..N] per channel (S4D-real), D = 1."""
         dt_min, dt_max, floor = self.dt_init_range
         std = self.dt_rank ** -0.5

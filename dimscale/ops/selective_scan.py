@@ -141,7 +141,7 @@ def _contract(v, x, over, like=None):
 
 class _Block:
     """One block of T time steps, recomputed from the inputs: dt, u, dt*u (T, B, 1, D); decays a and states H
-    (T, B, N, D) from the state h0 entering the block (dim-reference.md §1.6: ZOH for A, Euler for B).
+    (T, B, N, D) from the state h0 entering the block (docs/reference.md §1.6: ZOH for A, Euler for B).
     Blocks are contiguous: ops on contiguous operands are 2-10x faster than on strided views."""
 
     def __init__(self, s, e, u, delta, At2, Bt, bias, softplus, h0, a, H):

@@ -1,6 +1,6 @@
 /* Selective scan (Mamba-1 S6) for CPUs: one fused forward and a recomputing backward.
  *
- * For each batch row b and channel d (dim-reference.md §1.6; mamba-ssm `selective_scan_ref`):
+ * For each batch row b and channel d (docs/reference.md §1.6; mamba-ssm `selective_scan_ref`):
  *     dt_t = softplus(delta_t + bias)                    (bias and softplus optional)
  *     h_t  = exp(dt_t A) * h_{t-1} + dt_t B_t u_t         (state (N,), fp32, h_{-1} = 0)
  *     out_t = (C_t . h_t + D u_t) * silu(z_t)             (D and z optional)
