@@ -143,3 +143,25 @@ def test_snapshot_samples_are_the_same_on_one_and_two_ranks(data):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_array_equal(np.load(data / "sample_tool.npz")["arr_0"], g1)
+
+
+def test_an_image_source_reference_is_read_once_for_fid_and_pr(data, monkeypatch):
+    """--ref an image source with --pr: one detector pass over the reference gives the stats and P/R features."""
+    sys.path.insert(0, ROOT)
+    import tools.fid as fid
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)        # restored afterwards: a plain process is a world of one
+    passes, real = [], fid.source_stats
+    monkeypatch.setattr(fid, "source_stats", lambda *a, **k: (passes.append(k.get("desc")), real(*a, **k))[1])
+    det = ["--detector", f"classifier:{data / 'clf.safetensors'}", "--batch-size", "24", "--no-progress"]
+    out = data / "pr_once.json"
+    assert fid.main(["eval", "--samples", str(data / "samples.npz"), "--ref", str(data / "ref.npz"), "--pr",
+                     "--pr-ref-num", "60", "--json-out", str(out)] + det) == 0
+    assert passes == ["reference"]
+    once = json.loads(out.read_text())["metrics"]
+    # the stats file holds the same 100 images' statistics and the same first 60 images as arr_0
+    stats = run_fid(["eval", "--samples", str(data / "samples.npz"), "--ref", str(data / "ref_stats.npz"), "--pr"]
+                    + det[:-1])["metrics"]
+    assert (once["precision"], once["recall"]) == (stats["precision"], stats["recall"])
+    assert once["fcd_not_fid"] == pytest.approx(stats["fcd_not_fid"], rel=1e-6)  # stats file: stored sums

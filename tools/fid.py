@@ -265,11 +265,11 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
         ref = read_reference(args.ref)
         check_reference(ref, proto, args.ref)
         ref_sha = sha256_file(args.ref)
-    else:
+    else:   # an image source: one pass gives the statistics and, with --pr, the features P/R needs
         ref_src = open_source(args.ref)
         ref_stats, _ = source_stats(det, ref_src, args, rank, world, device, source_len(ref_src, 0),
-                                    desc="reference")
-        ref = dict(zip(("mu", "sigma"), ref_stats.mean_cov()), has_images=True)
+                                    keep=args.pr, desc="reference")
+        ref = dict(zip(("mu", "sigma"), ref_stats.mean_cov()), has_images=True, stats=ref_stats)
         ref_sha = sha256_file(args.ref) if os.path.isfile(args.ref) else None
 
     record = {"command": "eval", "ref": os.path.abspath(args.ref), "ref_sha256": ref_sha, **proto}
@@ -309,9 +309,12 @@ def cmd_eval(args, rank, world, device, det, proto) -> dict:
                              f"`tools/fid.py ref SOURCE --keep-images 10000`)")
         pr_src = open_source(args.ref)
         pr_num = source_len(pr_src, args.pr_ref_num)
-        ref_feats, _ = source_stats(det, pr_src, args, rank, world, device, pr_num, keep=True, desc="P/R reference")
-        metrics["precision"], metrics["recall"] = precision_recall(ref_feats.gathered_features(),
-                                                                   stats.gathered_features(), k=3)
+        if "stats" in ref:     # the reference pass already kept its features: the first pr_num of them
+            ref_feats = ref["stats"].gathered_features()[:pr_num]
+        else:
+            ref_feats = source_stats(det, pr_src, args, rank, world, device, pr_num, keep=True,
+                                     desc="P/R reference")[0].gathered_features()
+        metrics["precision"], metrics["recall"] = precision_recall(ref_feats, stats.gathered_features(), k=3)
         record["pr_protocol"] = f"k=3 nearest-neighbour manifolds (ADM evaluator), {pr_num} reference images"
     if args.npz_out:
         arr = gather_images(kept, rank)
