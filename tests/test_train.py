@@ -267,3 +267,58 @@ def test_ema_under_zero3_equals_the_ema_of_gathered_parameters():
         torch.testing.assert_close(ema, z0["ema"][name], rtol=1e-4, atol=1e-6)  # same run under ZeRO-0
         torch.testing.assert_close(ema, outs[1][3]["ema"][name], rtol=0, atol=0)  # both ranks hold the same EMA
     assert any(not torch.allclose(z3["ema"][n], z3["initial"][n]) for n in z3["ema"]), "the EMA never moved"
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk while checkpointing: one line that says so, the previous checkpoint intact and resumable
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (needs root, as CI runs); unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(one_process, small_disk, capsys):
+    shards = fmnist_shards()
+    first = overrides(shards, small_disk, "full", total_images=32, ckpt_every_images=16, micro_batch=8)
+    assert one_process(["--config", str(CONFIG), *first]) == 0
+    ckpts = small_disk / "full" / "checkpoints"
+    size = sum(f.stat().st_size for f in (ckpts / "latest").iterdir())
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - size // 2))   # room for half a checkpoint
+    more = overrides(shards, small_disk, "full", total_images=64, ckpt_every_images=16, micro_batch=8)
+    capsys.readouterr()
+    assert one_process(["--config", str(CONFIG), *more]) == 1
+    err = capsys.readouterr().err
+    assert "is full" in err and "checkpoint (" in err and "is intact" in err, err
+    assert "iostream error" not in err and "Traceback" not in err
+    assert os.readlink(ckpts / "latest") == "img000000000032"
+    assert not [p for p in ckpts.iterdir() if p.name.startswith("tmp-")]   # the partial write was removed
+    filler.unlink()
+    assert one_process(["--config", str(CONFIG), *more]) == 0              # resumes from the intact one
+    assert json.loads((small_disk / "full" / "done.json").read_text())["images_seen"] == 64
+
+
+def test_skipped_inputs_show_in_the_status_line_metrics_and_final_record(one_process, tmp_path, capsys):
+    import shutil
+    shards = tmp_path / "shards"
+    shutil.copytree(fmnist_shards(), shards)
+    for tar in shards.glob("*.tar"):          # every shard cut inside a member after ~15% of its samples
+        data = tar.read_bytes()
+        tar.write_bytes(data[: int(len(data) * 0.15) + 100])
+    args = overrides(str(shards), tmp_path, "skips", total_images=96, ckpt_every_images=0, micro_batch=8)
+    args += ["--set", "data.shuffle_buffer=8"]   # windows of 8: a cut shard still yields its first samples
+    assert one_process(["--config", str(CONFIG), *args]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()]
+    changed = [r for r in rows if "skipped_inputs" in r]
+    assert changed and changed[0]["skipped"] == {"corrupt_shard": changed[0]["skipped_inputs"]}
+    assert " skipped " in capsys.readouterr().out
+    done = json.loads((tmp_path / "skips" / "done.json").read_text())
+    assert done["skipped_inputs"]["corrupt_shard"] == changed[-1]["skipped_inputs"] >= 1
