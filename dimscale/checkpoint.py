@@ -9,14 +9,9 @@ run_dir/checkpoints/
     latest -> img000000012800 a symlink, swapped with os.replace: a reader sees the old or the new one, never half
     tmp-img000000025600/      a write in progress (or killed mid-way); ignored, and removed at the next start
 
-<<<<<<< HEAD
-A kill at any moment leaves `latest` pointing at a complete checkpoint (tests/test_train_dist.py kills runs
-mid-step and mid-write). DeepSpeed's own files are loaded with weights_only=True (`weights_only_loads`), so a
-crafted pickle in a checkpoint folder cannot run code on resume.
-=======
 A kill at any moment leaves `latest` pointing at a complete checkpoint
-(tests/test_train_dist.py::test_kill_during_checkpoint_write_keeps_a_loadable_latest).
->>>>>>> href
+(tests/test_train_dist.py::test_kill_during_checkpoint_write_keeps_a_loadable_latest). DeepSpeed's own files are
+loaded with weights_only=True (`weights_only_loads`), so a crafted pickle in a checkpoint folder cannot run code.
 """
 from __future__ import annotations
 
