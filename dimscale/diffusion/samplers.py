@@ -100,13 +100,16 @@ def initial_noise(seeds, shape: tuple) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++", steps: int = 50,
            cfg_scale: float = 0.4, seeds, schedule: Schedule | None = None, upsample_factor: int = 1,
-           ug_theta: float = 1.0, ug_eta: float = 0.3, device=None, progress: bool = False) -> torch.Tensor:
+           ug_theta: float = 1.0, ug_eta: float = 0.3, ug_official: bool = False, device=None,
+           progress: bool = False) -> torch.Tensor:
     """Generate x0 (B, C, mH, mW) for labels (B,) from base shape (C, H, W) and m = upsample_factor.
 
     `model(x, t, y) -> eps` is any denoiser with a `null_class` attribute (t in [0, 1000]). With m > 1 the model
     runs on the m-times larger grid (DiM interpolates its pos-emb) and Upsample Guidance
-    (docs/reference.md §5.2) steers it with
-    base-grid passes during t >= 1 - ug_eta. Returns the ODE state at t = 1/N, as the official sampler does.
+    (docs/reference.md §5.2) steers it with base-grid passes during t >= 1 - ug_eta (ug_official: the official
+    code's τ time values, see guidance.ug_tau). A model built at the m-times grid (a converted upsampling release)
+    sees its stored pos-emb in the high-res pass and a bilinear resize of it in the base pass, as the official
+    deploy configs do. Returns the ODE state at t = 1/N, as the official sampler does.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler = '{sampler}' is not one of {', '.join(SAMPLERS)}")
@@ -127,5 +130,5 @@ def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++",
     eps_fn = cfg_denoiser(model, torch.as_tensor(labels, dtype=torch.long).to(device), cfg_scale,
                           schedule.num_timesteps)
     if m != 1:
-        eps_fn = upsample_guidance(eps_fn, schedule, m, theta=ug_theta, eta=ug_eta)
+        eps_fn = upsample_guidance(eps_fn, schedule, m, theta=ug_theta, eta=ug_eta, official=ug_official)
     return SAMPLERS[sampler](eps_fn, x, schedule, steps, progress=progress)
