@@ -52,7 +52,7 @@ class DiffusionConfig:
     bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (docs/reference.md §3.1)
     p_uncond: float = 0.1            # label -> null class probability (CFG training, docs/reference.md §1.10)
     min_snr_gamma: float = 0.0       # > 0: Min-SNR-γ loss weights (not in the paper; faster convergence); 0 = LSimple
-    sampler: str = "dpm++"           # 'dpm++' | 'ddim'
+    sampler: str = "dpm++"           # 'dpm++' | 'ddim' | 'dpm' (noise-prediction DPM-Solver, official UG)
     sample_steps: int = 50
     cfg_scale: float = 0.4           # U-ViT form eps = eps_c + s (eps_c - eps_u); DiT's w = 1 + s
 
@@ -216,7 +216,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         "data.latent": (d.latent, ("none", "moments", "online")),
         "train.precision": (t.precision, ("bf16", "fp32")),
         "train.wandb": (t.wandb, ("online", "offline", "off")),
-        "diffusion.sampler": (dif.sampler, ("dpm++", "ddim")),
+        "diffusion.sampler": (dif.sampler, ("dpm++", "ddim", "dpm")),
     }
     for key, (val, ok) in choices.items():
         if val not in ok:

@@ -102,8 +102,8 @@ def load_official(path: str) -> dict:
         what = ("a pickled object that weights_only loading refuses (not a plain state dict)"
                 if "weights_only" in str(e) or "Unsupported global" in str(e) else "not a complete torch.save file "
                 "(truncated or corrupt)")
-        raise OfficialCheckpointError(f"cannot read '{path}': {what} ({first[:160]}); pass the official "
-                                      f"nnet_ema.pth state dict") from None
+        raise OfficialCheckpointError(f"cannot read '{path}': {what} ({first[:160]}); pass an official "
+                                      f"state dict file (nnet_ema.pth, autoencoder_kl_ema.pth)") from None
     return check_state_dict(obj, path)
 
 

@@ -245,7 +245,7 @@ def skip_tune_scales(n, top=0.82, bottom=1.0):
     """Official skip-tune factors (mamba_2d.py `get_skiptune_weight` as `forward` calls it): the popped skip of
     decoder block k (0..n-1) is scaled linearly from `bottom` to bottom + (top - bottom) t_c, with t_c = 1/1000
     for every t as coded (so >= 0.99982 for the released (0.82, 1.0)); float32 like the official tensors."""
-    t_c = torch.tensor(1.0, dtype=torch.float32) / 1000
+    t_c = torch.tensor(1.0, dtype=torch.float32, device="cpu") / 1000       # cpu: also under torch.device("meta")
     last = bottom + (top - bottom) * t_c
     return [float(bottom + (last - bottom) * (k / max(n - 1, 1))) for k in range(n)]
 
