@@ -274,7 +274,7 @@ def test_converted_snapshot_samples_and_finetunes(tmp_path, capsys):
 
     # fine-tune at 2x the grid with rho_pad (as the 512 release at 1024^2): lr 0 keeps the converted weights
     meta = json.loads((snap / "snapshot.json").read_text())
-    sets = {"data.shards": fmnist_shards(), "out_dir": str(tmp_path), "name": "ft", "data.resolution": 32,
+    sets = {"data.shards": fmnist_shards(), "out_dir": str(tmp_path), "name": "ft", "data.resolution": 16,
             "data.latent": "online", "data.vae_path": str(tmp_path / "vae"), "data.channels": 3,
             "model.in_channels": 4, "model.input_size": 32, "model.num_classes": 10, "model.width": 32,
             "model.depth": 9, "model.pad_mode": "rho_pad", "init.snapshot": str(snap), "data.num_workers": 0,
