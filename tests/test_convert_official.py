@@ -314,3 +314,42 @@ def test_dpm_solvers_converge_to_the_exact_ode_of_gaussian_data(sampler):
     exact = x * (var(t1) / var(t0)).sqrt()
     errs = [rel_err(SAMPLERS[sampler](eps_fn, x, sch, steps=n), exact) for n in (50, 200, 500)]
     assert errs[0] < 0.05 and errs[1] < errs[0] / 3 and errs[2] < errs[1] / 3 and errs[2] < 2e-3, errs
+
+
+# ------------------------------------------------------------------------------------------------
+# Options off = today's behaviour; the recorded sampling protocol
+# ------------------------------------------------------------------------------------------------
+
+def test_skip_tune_off_or_neutral_is_the_plain_model():
+    from dimscale.models import DiM
+    torch.manual_seed(0)
+    plain = DiM(in_channels=4, input_size=8, num_classes=10, width=32, depth=5).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
+    for param, same in (((1.0, 1.0), True), ((0.82, 1.0), False)):
+        tuned = DiM(in_channels=4, input_size=8, num_classes=10, width=32, depth=5, skip_tune=True,
+                    skip_tune_param=param).eval()
+        tuned.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert torch.equal(tuned(x, t, y), plain(x, t, y)) == same
+
+
+def test_snapshot_records_the_sampling_protocol(tmp_path, capsys):
+    from dimscale.snapshot import read_snapshot, sampling_defaults
+    assert sampling_defaults({"diffusion": {"cfg_scale": 0.7}}) == {
+        "sampler": "dpm++", "steps": 50, "cfg_scale": 0.7, "upsample": 1, "ug_theta": 1.0, "ug_eta": 0.3,
+        "ug_official": False}                                                      # trainer snapshots: as before
+    rc, err = convert(tmp_path, capsys, official_pth(tmp_path, "tiny_rho_pad"), "--release",
+                      "imagenet512_H_upsample", "--out", tmp_path / "up")
+    assert rc == 0, err
+    state, meta = read_snapshot(str(tmp_path / "up"))
+    assert meta["model"]["skip_tune"] and meta["model"]["input_size"] == 32 and meta["data"]["resolution"] == 128
+    assert state["pos_embed"].shape == (1, 2 + 16 * 16, 32)                         # resized to the 2x grid
+    assert sampling_defaults(meta) == {"sampler": "dpm", "steps": 50, "cfg_scale": 3.0, "upsample": 2,
+                                       "ug_theta": 1.0, "ug_eta": 0.3, "ug_official": True}
+    _, cifar = convert_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in
+                                   KEYS["configs"]["cifar10_S_DiM"]["state_dict"].items()}, "cifar10_S")[1:]
+    with pytest.raises(ValueError, match="'euler_maruyama_sde' .* is not implemented in dimscale"):
+        sampling_defaults(cifar)
