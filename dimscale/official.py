@@ -239,9 +239,7 @@ def convert_state_dict(sd: dict, release: str | None = None) -> tuple[dict, Mode
     cfg = model_config(size, release, grid)
     with torch.device("meta"):
         want = build_model(cfg).state_dict()
-    inverse = {}
-    for key in sd:
-        inverse[map_key(key)] = key
+    inverse = {map_key(key): key for key in sd}
     for key, ref in want.items():
         if key not in mapped:
             raise OfficialCheckpointError(f"missing key: the file has no tensor for dimscale '{key}' {tuple(ref.shape)}"
@@ -302,8 +300,9 @@ def vae_ddconfig(sd: dict) -> dict:
 
 def _vae_shape(sd: dict, key: str) -> tuple:
     if key not in sd:
-        raise OfficialCheckpointError(f"missing key '{key}': not an ldm KL autoencoder state dict; "
-                                      f"it looks like {'an official DiM nnet' if 'additional_embed' in sd else _looks_like(sd)}")
+        like = "an official DiM nnet" if "additional_embed" in sd else _looks_like(sd)
+        raise OfficialCheckpointError(f"missing key '{key}': not an ldm KL autoencoder state dict; it looks like "
+                                      f"{like}")
     return tuple(sd[key].shape)
 
 

@@ -32,7 +32,8 @@ def rel_err(a, ref):
 def fixture(name):
     """(official state dict, other tensors) of a fixture file."""
     d = load_file(FIX / f"{name}.safetensors")
-    return {k[3:]: v for k, v in d.items() if k.startswith("sd.")}, {k: v for k, v in d.items() if not k.startswith("sd.")}
+    official = {k[3:]: v for k, v in d.items() if k.startswith("sd.")}
+    return official, {k: v for k, v in d.items() if not k.startswith("sd.")}
 
 
 def official_pth(tmp_path, name, mutate=None):
@@ -300,8 +301,8 @@ def test_converted_snapshot_samples_and_finetunes(tmp_path, capsys):
 
 @pytest.mark.parametrize("sampler", ["dpm", "dpm++"])
 def test_dpm_solvers_converge_to_the_exact_ode_of_gaussian_data(sampler):
-    """Data N(0, s²): ε*(x, t) = σ_t x / (α_t² s² + σ_t²) and the ODE keeps x / √(α_t² s² + σ_t²) constant; the
-    error shrinks fast with the step count (the piecewise-linear discrete log α limits it at 50 steps)."""
+    """Data N(0, s²): ε*(x, t) = σ_t x / (α_t² s² + σ_t²); the ODE keeps x / √(α_t² s² + σ_t²) constant;
+    the error shrinks fast with the step count (the piecewise-linear discrete log α limits it at 50 steps)."""
     from dimscale.diffusion import SAMPLERS, Schedule
     sch, s = Schedule(), 0.5
     var = lambda t: sch.alpha(t) ** 2 * s ** 2 + sch.sigma(t) ** 2                        # noqa: E731
