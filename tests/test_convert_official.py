@@ -162,6 +162,11 @@ def test_released_key_lists_convert_onto_the_zoo_model(release):
         got = {str(len(model.blocks) - len(model.skip_scales) + i): s for i, s in enumerate(model.skip_scales)}
         assert got == pytest.approx(values["skip_tune_multipliers"], abs=1e-7)
         assert meta["sampling"]["upsample"]["factor"] == values["ug_m"]
+    if values["is_skip_tune"]:   # what is released for UG is the 512 fine-tuned file: resized to this grid here
+        ft = {k: torch.empty(shape, device="meta") for k, (shape, _) in
+              KEYS["configs"]["imagenet512_H_DiM_ft"]["state_dict"].items()}
+        deployed = convert_state_dict(ft, release)[0]
+        assert {k: tuple(v.shape) for k, v in deployed.items()} == {k: tuple(v.shape) for k, v in state.items()}
     # with no --release the shapes pick it, unless the file serves several (the 512 ft weights feed UG too)
     if release == "imagenet512_H_ft":
         with pytest.raises(OfficialCheckpointError, match="serves several releases"):
