@@ -78,22 +78,18 @@ def load_snapshot(folder: str, device: str | torch.device = "cpu", **model_overr
     return model.to(device).eval(), meta
 
 
-def sampling_defaults(meta: dict) -> dict:
-    """{"sampler", "steps", "cfg_scale", "upsample", "ug_theta", "ug_eta", "ug_official"} a snapshot samples with by
-    default: its "sampling" block when it has one, else dpm++ / 50 NFE / its diffusion.cfg_scale (or 0.4) / x1."""
-    from dimscale.diffusion import SAMPLERS
-    proto = meta.get("sampling")
-    if proto is None:
-        return {"sampler": "dpm++", "steps": 50, "cfg_scale": meta.get("diffusion", {}).get("cfg_scale", 0.4),
-                "upsample": 1, "ug_theta": 1.0, "ug_eta": 0.3, "ug_official": False}
-    if proto["sampler"] not in SAMPLERS:
-        raise ValueError(f"this snapshot's official sampling protocol '{proto['sampler']}' "
-                         f"({proto.get('sde', '')}) is not implemented in dimscale ({', '.join(SAMPLERS)}); its "
-                         f"weights still fine-tune through init.snapshot")
+def recorded_sampling(meta: dict) -> dict:
+    """The sampling protocol a snapshot records, flat in dimscale/generate.py SamplingProtocol's field names
+    (sampler, steps, cfg_scale, upsample, ug_theta, ug_eta, ug_official): its "sampling" block, and its training
+    diffusion.cfg_scale when the block has none; fields it does not record are left out."""
+    proto = meta.get("sampling", {})
     up = proto.get("upsample", {})
-    return {"sampler": proto["sampler"], "steps": proto["steps"], "cfg_scale": proto["cfg_scale"],
-            "upsample": up.get("factor", 1), "ug_theta": up.get("theta", 1.0), "ug_eta": up.get("eta", 0.3),
-            "ug_official": up.get("official", False)}
+    flat = {"sampler": proto.get("sampler"), "steps": proto.get("steps"), "cfg_scale": proto.get("cfg_scale"),
+            "upsample": up.get("factor"), "ug_theta": up.get("theta"), "ug_eta": up.get("eta"),
+            "ug_official": up.get("official")}
+    if flat["cfg_scale"] is None:
+        flat["cfg_scale"] = meta.get("diffusion", {}).get("cfg_scale")
+    return {k: v for k, v in flat.items() if v is not None}
 
 
 def model_input_shape(meta: dict) -> tuple[tuple[int, int, int], bool]:

@@ -342,20 +342,40 @@ def test_skip_tune_off_or_neutral_is_the_plain_model():
             assert torch.equal(tuned(x, t, y), plain(x, t, y)) == same
 
 
-def test_snapshot_records_the_sampling_protocol(tmp_path, capsys):
-    from dimscale.snapshot import read_snapshot, sampling_defaults
-    assert sampling_defaults({"diffusion": {"cfg_scale": 0.7}}) == {
-        "sampler": "dpm++", "steps": 50, "cfg_scale": 0.7, "upsample": 1, "ug_theta": 1.0, "ug_eta": 0.3,
-        "ug_official": False}                                                      # trainer snapshots: as before
+def test_snapshot_records_the_sampling_protocol_and_sample_py_follows_it(tmp_path, capsys):
+    """An upsampling release samples with the official protocol (plain DPM-Solver, s = 3, UG m = 2 with the official
+    time values) from `tools/sample.py --snapshot SNAP` alone; explicit flags still win."""
+    import numpy as np
+    from dimscale.diffusion import sample
+    from dimscale.diffusion.vae import decode, load_vae
+    from dimscale.generate import ImageGenerator, SamplingProtocol, to_uint8
+    from dimscale.snapshot import load_snapshot, recorded_sampling
+    from tools.sample import main as sample_main
+    assert recorded_sampling({"diffusion": {"cfg_scale": 0.7}}) == {"cfg_scale": 0.7}   # trainer snapshots: as before
+    sd, _ = fixture("vae_tiny")
+    torch.save(sd, tmp_path / "vae.pth")
+    assert convert(tmp_path, capsys, tmp_path / "vae.pth", "--vae", "--out", tmp_path / "vae")[0] == 0
+    snap = tmp_path / "up"
     rc, err = convert(tmp_path, capsys, official_pth(tmp_path, "tiny_rho_pad"), "--release",
-                      "imagenet512_H_upsample", "--out", tmp_path / "up")
+                      "imagenet512_H_upsample", "--out", snap)
     assert rc == 0, err
-    state, meta = read_snapshot(str(tmp_path / "up"))
+    model, meta = load_snapshot(str(snap))
     assert meta["model"]["skip_tune"] and meta["model"]["input_size"] == 32 and meta["data"]["resolution"] == 128
-    assert state["pos_embed"].shape == (1, 2 + 16 * 16, 32)                         # resized to the 2x grid
-    assert sampling_defaults(meta) == {"sampler": "dpm", "steps": 50, "cfg_scale": 3.0, "upsample": 2,
-                                       "ug_theta": 1.0, "ug_eta": 0.3, "ug_official": True}
-    _, cifar = convert_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in
-                                   KEYS["configs"]["cifar10_S_DiM"]["state_dict"].items()}, "cifar10_S")[1:]
-    with pytest.raises(ValueError, match="'euler_maruyama_sde' .* is not implemented in dimscale"):
-        sampling_defaults(cifar)
+    assert model.pos_embed.shape == (1, 2 + 16 * 16, 32)                              # resized to the 2x grid
+    gen = ImageGenerator.from_snapshot(str(snap), "cpu", str(tmp_path / "vae"))
+    assert gen.protocol() == SamplingProtocol(sampler="dpm", steps=50, cfg_scale=3.0, upsample=2, ug_theta=1.0,
+                                              ug_eta=0.3, ug_official=True)
+    assert gen.protocol(steps=4, upsample=1).upsample == 1                             # flags win
+    npz = tmp_path / "s.npz"
+    assert sample_main(["--snapshot", str(snap), "--labels", "3,7", "--steps", "4", "--vae", str(tmp_path / "vae"),
+                        "--out", str(tmp_path / "g.png"), "--npz-out", str(npz)]) == 0
+    x = sample(model, torch.tensor([3, 7]), (4, 16, 16), sampler="dpm", steps=4, cfg_scale=3.0, seeds=[0, 1],
+               upsample_factor=2, ug_official=True)
+    with torch.no_grad():
+        ref = to_uint8(decode(load_vae(str(tmp_path / "vae")), x, 0.18215))
+    got = np.load(npz)["arr_0"]
+    assert got.shape == (2, 64, 64, 3) and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+    cifar = convert_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in
+                                KEYS["configs"]["cifar10_S_DiM"]["state_dict"].items()}, "cifar10_S")[2]
+    with pytest.raises(ValueError, match="official sampler 'euler_maruyama_sde'"):
+        ImageGenerator(model, {**cifar, "model": meta["model"]}, "cpu").protocol()

@@ -122,7 +122,7 @@ def ddim(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, t_start: 
 
 def dpm_solver(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, t_start: float = 1.0,
                t_end: float | None = None, progress: bool = False) -> torch.Tensor:
-    """DPM-Solver-fast (noise prediction, order 3), the official Upsample Guidance sampler (§5.1)."""
+    """DPM-Solver-fast (noise prediction, order 3), the official Upsample Guidance sampler (docs/reference.md §5.1)."""
     return dpm_solver_pp(eps_fn, x, schedule, steps, 3, t_start, t_end, progress, step_fn=_dpm_step)
 
 
