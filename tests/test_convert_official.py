@@ -273,8 +273,8 @@ def test_converted_snapshot_samples_and_finetunes(tmp_path, capsys):
     assert convert(tmp_path, capsys, official_pth(tmp_path, "tiny_rho_pad"), "--release", "imagenet512_H_ft",
                    "--out", snap)[0] == 0
     npz = tmp_path / "s.npz"
-    assert sample_main([str(snap), "--labels", "1,7", "--steps", "3", "--vae", str(tmp_path / "vae"),
-                        "--out", str(tmp_path / "g.png"), "--npz", str(npz)]) == 0
+    assert sample_main(["--snapshot", str(snap), "--labels", "1,7", "--steps", "3", "--vae", str(tmp_path / "vae"),
+                        "--out", str(tmp_path / "g.png"), "--npz-out", str(npz)]) == 0
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (2, 32, 32, 3) and len({a.tobytes() for a in arr}) == 2   # 16x16 latents, tiny VAE x2
 
