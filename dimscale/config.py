@@ -35,6 +35,11 @@ class ModelConfig:
     mixer: str = "mamba"             # 'mamba' | 'attention' (matched transformer baseline)
     scan_backend: str = "auto"       # "auto" | "cuda" (mamba-ssm kernels) | "cpu" (compiled C kernel) | "chunked" | "ref"
     grad_checkpointing: bool = False
+    width: int = 0                   # > 0 replaces the zoo name's width (checkpoints of other sizes); 0 = the zoo's
+    depth: int = 0                   # > 0 replaces the zoo name's depth (odd: block 0 + encoder + decoder halves)
+    patch: int = 0                   # > 0 replaces the zoo name's patch size
+    skip_tune: bool = False          # official skip-tune of the upsampling configs (docs/reference.md §1.7)
+    skip_tune_param: tuple = (0.82, 1.0)  # official (top, bottom) skip-tune values
 
 
 @dataclass
@@ -47,7 +52,7 @@ class DiffusionConfig:
     bf16_timesteps: bool = False     # official-code quirk: training timesteps rounded to bf16 (docs/reference.md §3.1)
     p_uncond: float = 0.1            # label -> null class probability (CFG training, docs/reference.md §1.10)
     min_snr_gamma: float = 0.0       # > 0: Min-SNR-γ loss weights (not in the paper; faster convergence); 0 = LSimple
-    sampler: str = "dpm++"           # 'dpm++' | 'ddim'
+    sampler: str = "dpm++"           # 'dpm++' | 'ddim' | 'dpm' (noise-prediction DPM-Solver, official UG)
     sample_steps: int = 50
     cfg_scale: float = 0.4           # U-ViT form eps = eps_c + s (eps_c - eps_u); DiT's w = 1 + s
 
@@ -211,11 +216,19 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         "data.latent": (d.latent, ("none", "moments", "online")),
         "train.precision": (t.precision, ("bf16", "fp32")),
         "train.wandb": (t.wandb, ("online", "offline", "off")),
-        "diffusion.sampler": (dif.sampler, ("dpm++", "ddim")),
+        "diffusion.sampler": (dif.sampler, ("dpm++", "ddim", "dpm")),
     }
     for key, (val, ok) in choices.items():
         if val not in ok:
             raise ConfigError(f"{key} = '{val}' is not one of {', '.join(ok)}")
+    for key in ("width", "depth", "patch"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key} = {getattr(m, key)} must be >= 0 (0 = the zoo entry's value)")
+    if m.depth and m.depth % 2 == 0:
+        raise ConfigError(f"model.depth = {m.depth} must be odd (block 0 + encoder half + decoder half)")
+    if len(m.skip_tune_param) != 2 or not all(isinstance(v, (int, float)) for v in m.skip_tune_param):
+        raise ConfigError(f"model.skip_tune_param = {list(m.skip_tune_param)} must be two numbers [top, bottom], "
+                          f"e.g. [0.82, 1.0] (official)")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage = {t.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2 or 3")
     if not 0.0 <= dif.p_uncond < 1.0:
@@ -238,7 +251,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     if d.latent == "online" and d.channels != 3:
         raise ConfigError(f"data.latent = 'online' encodes RGB images with the SD VAE but data.channels = {d.channels}; "
                           f"set data.channels=3")
-    patch = MODEL_ZOO[m.name]["patch"]
+    patch = m.patch or MODEL_ZOO[m.name]["patch"]
     side = d.resolution // VAE_FACTOR if d.latent != "none" else d.resolution
     if side % patch:
         raise ConfigError(f"data.resolution = {d.resolution} gives a {side}-wide model input, not divisible "

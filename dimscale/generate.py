@@ -24,7 +24,7 @@ from PIL import Image
 
 from dimscale.diffusion import SAMPLERS, Schedule, sample
 from dimscale.config import VAE_FACTOR, VAE_SCALE
-from dimscale.snapshot import load_snapshot, model_input_shape
+from dimscale.snapshot import load_snapshot, model_input_shape, recorded_sampling
 
 UINT8 = "clamp(127.5*x + 128, 0, 255) truncated (DiT sample_ddp.py; = round((x+1)*127.5))"
 CFG_CONVENTION = "U-ViT: eps = eps_c + s*(eps_c - eps_u); DiT/ADM guidance w = 1 + s"
@@ -39,6 +39,7 @@ class SamplingProtocol:
     upsample: int = 1                # resolution factor over training's, with Upsample Guidance when > 1
     ug_theta: float = 1.0            # Upsample Guidance weight θ
     ug_eta: float = 0.3              # Upsample Guidance window: t >= 1 - η
+    ug_official: bool = False        # the official code's UG time values (diffusion/guidance.py ug_tau)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -98,12 +99,15 @@ class ImageGenerator:
     def protocol(self, **overrides) -> SamplingProtocol:
         """The snapshot's recorded protocol (its `sampling` record, its training cfg_scale) under `overrides`
         (None = not given); official defaults for the rest."""
-        recorded = dict(self.meta.get("sampling", {}))
-        if "cfg_scale" in self.meta.get("diffusion", {}):
-            recorded.setdefault("cfg_scale", self.meta["diffusion"]["cfg_scale"])
+        recorded = recorded_sampling(self.meta)
         fields = {f.name for f in dataclasses.fields(SamplingProtocol)}
-        given = {k: v for k, v in {**recorded, **overrides}.items() if k in fields and v is not None}
+        given = {**recorded, **{k: v for k, v in overrides.items() if v is not None}}   # None = flag not given
+        given = {k: v for k, v in given.items() if k in fields}
         proto = SamplingProtocol(**given)
+        if proto.sampler not in SAMPLERS and overrides.get("sampler") is None:
+            raise ValueError(f"this snapshot records the official sampler {proto.sampler!r} "
+                             f"({self.meta.get('sampling', {}).get('sde', 'not a DDPM solver')}), which dimscale does "
+                             f"not implement; pass --sampler {'/'.join(SAMPLERS)} to sample it anyway")
         if proto.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {proto.sampler!r} is not one of {', '.join(SAMPLERS)}")
         return proto
@@ -120,7 +124,8 @@ class ImageGenerator:
         """uint8 (B, H, W, C) images for labels (B,); sample i starts from the noise of seeds[i] alone."""
         x = sample(self.model, labels, self.shape, sampler=proto.sampler, steps=proto.steps,
                    cfg_scale=proto.cfg_scale, seeds=seeds, schedule=self.schedule, upsample_factor=proto.upsample,
-                   ug_theta=proto.ug_theta, ug_eta=proto.ug_eta, device=self.device)
+                   ug_theta=proto.ug_theta, ug_eta=proto.ug_eta, ug_official=proto.ug_official,
+                   device=self.device)
         if self.vae is not None:
             from dimscale.diffusion.vae import decode
             x = decode(self.vae, x, self.vae_scale)

@@ -3,7 +3,15 @@
 A snapshot is a folder:
     ema.safetensors   fp32 EMA weights of the DiM (keys of DiM.state_dict())
     snapshot.json     {"model": ModelConfig dict, "data": {...resolution, latent, vae_scale},
-                       "images_seen": int, "run": name, ...}
+                       "diffusion": DiffusionConfig dict, "images_seen": int, "run": name, ...}
+Optional entries, written by tools/convert_official.py for a released official checkpoint:
+    "sampling": the protocol sampling defaults to (explicit flags still win), as the official eval config sets it:
+        {"sampler": "dpm++" | "dpm" | "ddim" (or an official one dimscale does not run, e.g. "euler_maruyama_sde"),
+         "steps": NFE, "cfg_scale": U-ViT s (eps_c + s (eps_c - eps_u); DiT w = 1 + s), "vae_scale": 0.18215,
+         "upsample": {"factor": m, "theta": θ, "eta": η, "official": bool (official UG time values)}  (optional)}
+    "official": {"release", "config", "commit", "source"}: where the weights came from.
+An upsampling release's model is built at m x the trained grid (data.resolution is the trained one), so its
+high-res pass sees the stored pos-emb and the base-grid pass a resize of it.
 It is written under a temporary name and renamed into place, so a crash never leaves half a snapshot.
 """
 from __future__ import annotations
@@ -68,6 +76,20 @@ def load_snapshot(folder: str, device: str | torch.device = "cpu", **model_overr
     model = build_model(cfg)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def recorded_sampling(meta: dict) -> dict:
+    """The sampling protocol a snapshot records, flat in dimscale/generate.py SamplingProtocol's field names
+    (sampler, steps, cfg_scale, upsample, ug_theta, ug_eta, ug_official): its "sampling" block, and its training
+    diffusion.cfg_scale when the block has none; fields it does not record are left out."""
+    proto = meta.get("sampling", {})
+    up = proto.get("upsample", {})
+    flat = {"sampler": proto.get("sampler"), "steps": proto.get("steps"), "cfg_scale": proto.get("cfg_scale"),
+            "upsample": up.get("factor"), "ug_theta": up.get("theta"), "ug_eta": up.get("eta"),
+            "ug_official": up.get("official")}
+    if flat["cfg_scale"] is None:
+        flat["cfg_scale"] = meta.get("diffusion", {}).get("cfg_scale")
+    return {k: v for k, v in flat.items() if v is not None}
 
 
 def model_input_shape(meta: dict) -> tuple[tuple[int, int, int], bool]:

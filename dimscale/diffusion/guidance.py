@@ -41,21 +41,24 @@ def upsample(x: torch.Tensor, m: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=m, mode="nearest")
 
 
-def ug_tau(schedule: Schedule, t: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ug_tau(schedule: Schedule, t: torch.Tensor, m: int, official: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(ᾱ_t, τ) of docs/reference.md §5.2: ᾱ_t is the discrete ᾱ at floor(T t); τ = n*/T with n* on the 1..T
-    grid minimising |SNR_n - m² SNR(t)|, clamped to τ <= t. (The official code maps the grid index to (T-1-i)/(T-1), i.e. τ
-    off by < 1/T; we keep τ on the same n/T grid the network was trained on.)"""
+    grid minimising |SNR_n - m² SNR(t)|, clamped to τ <= t. We keep τ on the same n/T grid the network was trained on.
+    official=True reproduces `make_ufg_nnet` as coded (ug.json): floor of the float32 product t·T, and τ = n*/(T-1)
+    (its grid index i maps to 1 - i/(T-1) while its SNR is read at step T-1-i), so the network sees n*·T/(T-1)."""
     T = schedule.num_timesteps
     acp, snr = schedule.alphas_cumprod.to(t.device), schedule.snr.to(t.device)
-    n_t = torch.floor(t.double() * T).long().clamp(1, T)
+    n_t = (t.float() * T).long() if official else torch.floor(t.double() * T).long()
+    n_t = n_t.clamp(1, T)
     abar_t = acp[n_t - 1]                                                    # (B,)
     target = m ** 2 * abar_t / (1.0 - abar_t)                                # m² SNR(t): pooled noise has 1/m² variance
     n_tau = (snr[None, :] - target[:, None]).abs().argmin(dim=1) + 1         # (B,)
-    tau = torch.minimum(n_tau.double() / T, t.double())
+    tau = torch.minimum(n_tau.double() / (T - 1 if official else T), t.double())
     return abar_t, tau
 
 
-def upsample_guidance(eps_fn, schedule: Schedule, m: int, theta: float = 1.0, eta: float = 0.3, t_max: float = 1.0):
+def upsample_guidance(eps_fn, schedule: Schedule, m: int, theta: float = 1.0, eta: float = 0.3, t_max: float = 1.0,
+                      official: bool = False):
     """Wrap eps_fn for an m-times larger grid (Upsample Guidance, arXiv 2404.01709; official `make_ufg_nnet`,
     docs/reference.md §5.2):
 
@@ -64,6 +67,7 @@ def upsample_guidance(eps_fn, schedule: Schedule, m: int, theta: float = 1.0, et
 
     D_m(x_t) carries the noise at 1/m² variance, i.e. looks like a base-resolution sample at SNR m² SNR(t) (hence τ);
     dividing by √P restores unit variance. With θ = 0 this is exactly plain sampling at the high resolution.
+    official=True uses the official code's time values for τ (see ug_tau); off by default.
     """
     if m < 1 or int(m) != m:
         raise ValueError(f"upsample factor m = {m} must be a positive integer (the official configs use 2 and 3)")
@@ -73,7 +77,7 @@ def upsample_guidance(eps_fn, schedule: Schedule, m: int, theta: float = 1.0, et
         w = theta * (t >= (1.0 - eta) * t_max).to(x.dtype)                   # (B,)
         if m == 1 or not bool((w != 0).any()):
             return eps_hi
-        abar_t, tau = ug_tau(schedule, t, m)
+        abar_t, tau = ug_tau(schedule, t, m, official)
         P = (abar_t + (1.0 - abar_t) / m ** 2).to(x.dtype).view(-1, 1, 1, 1)
         eps_lo = eps_fn(downsample(x, m) / P.sqrt(), tau.to(t.dtype))       # (B, C, H, W) at the base grid
         return eps_hi + w.view(-1, 1, 1, 1) * upsample(eps_lo / m - downsample(eps_hi, m), m)

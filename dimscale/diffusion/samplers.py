@@ -36,6 +36,36 @@ def fast_orders(steps: int, order: int = 3) -> list[int]:
     return {0: [3] * (K - 2) + [2, 1], 1: [3] * (K - 1) + [1], 2: [3] * (K - 1) + [2]}[steps % 3]
 
 
+def _dpm_step(eps_fn, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """One singlestep DPM-Solver step (noise prediction, DPM-Solver paper Alg. 1/2 'dpm_solver' type; the official
+    UG configs call DPM_Solver with predict_x0=False) of order k = len(ts) - 1, same time points as _dpmpp_step."""
+    k = len(ts) - 1
+    lam, la, sigma = schedule.lam(ts).tolist(), schedule.log_alpha(ts).tolist(), schedule.sigma(ts).tolist()
+    h = lam[-1] - lam[0]
+    r = [(l - lam[0]) / h for l in lam[1:-1]]
+
+    def eps(x_j: torch.Tensor, j: int) -> torch.Tensor:
+        return eps_fn(x_j, torch.full((x.shape[0],), float(ts[j]), device=x.device, dtype=x.dtype))
+
+    phi_1 = math.expm1(h)
+    e0 = eps(x, 0)
+    x_t = math.exp(la[-1] - la[0]) * x - sigma[-1] * phi_1 * e0                      # first order = DDIM
+    if k == 1:
+        return x_t
+    r1 = r[0]
+    x1 = math.exp(la[1] - la[0]) * x - sigma[1] * math.expm1(r1 * h) * e0
+    e1 = eps(x1, 1)
+    if k == 2:
+        return x_t - (0.5 / r1) * sigma[-1] * phi_1 * (e1 - e0)
+    r2 = r[1]
+    phi_22 = math.expm1(r2 * h) / (r2 * h) - 1.0
+    x2 = (math.exp(la[2] - la[0]) * x - sigma[2] * math.expm1(r2 * h) * e0
+          - (r2 / r1) * sigma[2] * phi_22 * (e1 - e0))
+    e2 = eps(x2, 2)
+    phi_2 = phi_1 / h - 1.0
+    return x_t - (1.0 / r2) * sigma[-1] * phi_2 * (e2 - e0)
+
+
 def _dpmpp_step(eps_fn, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """One singlestep DPM-Solver++ step of order k = len(ts) - 1 from s = ts[0] to t = ts[-1], evaluating the model
     at s and at the intermediate times ts[1:-1] (DPM-Solver++ paper Alg. 1 and its 3S form, 'dpm_solver' variant).
@@ -69,14 +99,16 @@ def _dpmpp_step(eps_fn, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule) -
 
 
 def dpm_solver_pp(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, order: int = 3,
-                  t_start: float = 1.0, t_end: float | None = None, progress: bool = False) -> torch.Tensor:
-    """Solve the probability-flow ODE from t_start to t_end (default 1/N) with DPM-Solver-fast++ in `steps` NFE."""
+                  t_start: float = 1.0, t_end: float | None = None, progress: bool = False,
+                  step_fn=_dpmpp_step) -> torch.Tensor:
+    """Solve the probability-flow ODE from t_start to t_end (default 1/N) with DPM-Solver-fast++ in `steps` NFE
+    (step_fn=_dpm_step: the noise-prediction DPM-Solver-fast on the same grid)."""
     t_end = 1.0 / schedule.num_timesteps if t_end is None else t_end
     ts = time_grid(steps, t_start, t_end)
     i = 0
     with tqdm(total=steps, disable=not progress, desc="sampling", unit="nfe") as bar:
         for k in fast_orders(steps, order):
-            x = _dpmpp_step(eps_fn, x, ts[i:i + k + 1], schedule)
+            x = step_fn(eps_fn, x, ts[i:i + k + 1], schedule)
             i += k
             bar.update(k)
     return x
@@ -88,7 +120,13 @@ def ddim(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, t_start: 
     return dpm_solver_pp(eps_fn, x, schedule, steps, order=1, t_start=t_start, t_end=t_end, progress=progress)
 
 
-SAMPLERS = {"dpm++": dpm_solver_pp, "ddim": ddim}
+def dpm_solver(eps_fn, x: torch.Tensor, schedule: Schedule, steps: int = 50, t_start: float = 1.0,
+               t_end: float | None = None, progress: bool = False) -> torch.Tensor:
+    """DPM-Solver-fast (noise prediction, order 3), the official Upsample Guidance sampler (docs/reference.md §5.1)."""
+    return dpm_solver_pp(eps_fn, x, schedule, steps, 3, t_start, t_end, progress, step_fn=_dpm_step)
+
+
+SAMPLERS = {"dpm++": dpm_solver_pp, "ddim": ddim, "dpm": dpm_solver}
 
 
 def initial_noise(seeds, shape: tuple) -> torch.Tensor:
@@ -100,13 +138,16 @@ def initial_noise(seeds, shape: tuple) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++", steps: int = 50,
            cfg_scale: float = 0.4, seeds, schedule: Schedule | None = None, upsample_factor: int = 1,
-           ug_theta: float = 1.0, ug_eta: float = 0.3, device=None, progress: bool = False) -> torch.Tensor:
+           ug_theta: float = 1.0, ug_eta: float = 0.3, ug_official: bool = False, device=None,
+           progress: bool = False) -> torch.Tensor:
     """Generate x0 (B, C, mH, mW) for labels (B,) from base shape (C, H, W) and m = upsample_factor.
 
     `model(x, t, y) -> eps` is any denoiser with a `null_class` attribute (t in [0, 1000]). With m > 1 the model
     runs on the m-times larger grid (DiM interpolates its pos-emb) and Upsample Guidance
-    (docs/reference.md §5.2) steers it with
-    base-grid passes during t >= 1 - ug_eta. Returns the ODE state at t = 1/N, as the official sampler does.
+    (docs/reference.md §5.2) steers it with base-grid passes during t >= 1 - ug_eta (ug_official: the official
+    code's τ time values, see guidance.ug_tau). A model built at the m-times grid (a converted upsampling release)
+    sees its stored pos-emb in the high-res pass and a bilinear resize of it in the base pass, as the official
+    deploy configs do. Returns the ODE state at t = 1/N, as the official sampler does.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler = '{sampler}' is not one of {', '.join(SAMPLERS)}")
@@ -127,5 +168,5 @@ def sample(model, labels: torch.Tensor, shape: tuple, *, sampler: str = "dpm++",
     eps_fn = cfg_denoiser(model, torch.as_tensor(labels, dtype=torch.long).to(device), cfg_scale,
                           schedule.num_timesteps)
     if m != 1:
-        eps_fn = upsample_guidance(eps_fn, schedule, m, theta=ug_theta, eta=ug_eta)
+        eps_fn = upsample_guidance(eps_fn, schedule, m, theta=ug_theta, eta=ug_eta, official=ug_official)
     return SAMPLERS[sampler](eps_fn, x, schedule, steps, progress=progress)

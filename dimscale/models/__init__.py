@@ -14,13 +14,20 @@ MODEL_ZOO = {
 }
 
 
-def build_model(cfg: ModelConfig) -> DiM:
-    """The DiM a ModelConfig describes; the zoo name sets width, depth and patch."""
+def model_size(cfg: ModelConfig) -> dict:
+    """{"width", "depth", "patch"} of a ModelConfig: the zoo name's, each replaced by a nonzero field of the same
+    name (checkpoints of other sizes, e.g. converted from the official code)."""
     if cfg.name not in MODEL_ZOO:
         raise ValueError(f"model name '{cfg.name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
+    return {k: getattr(cfg, k) or v for k, v in MODEL_ZOO[cfg.name].items()}
+
+
+def build_model(cfg: ModelConfig) -> DiM:
+    """The DiM a ModelConfig describes; the zoo name sets width, depth and patch unless the config overrides them."""
     return DiM(in_channels=cfg.in_channels, input_size=cfg.input_size, num_classes=cfg.num_classes,
                pad_mode=cfg.pad_mode, mixer=cfg.mixer, scan_backend=cfg.scan_backend,
-               grad_checkpointing=cfg.grad_checkpointing, **MODEL_ZOO[cfg.name])
+               grad_checkpointing=cfg.grad_checkpointing, skip_tune=cfg.skip_tune,
+               skip_tune_param=tuple(cfg.skip_tune_param), **model_size(cfg))
 
 
 def adapt_state_dict(state_dict: dict, model: DiM) -> dict:
@@ -34,4 +41,4 @@ def adapt_state_dict(state_dict: dict, model: DiM) -> dict:
     return out
 
 
-__all__ = ["DiM", "Mamba", "MODEL_ZOO", "adapt_state_dict", "build_model", "resize_pos_embed"]
+__all__ = ["DiM", "Mamba", "MODEL_ZOO", "adapt_state_dict", "build_model", "model_size", "resize_pos_embed"]

@@ -8,9 +8,9 @@ The forward pass, top to bottom, each step with its section of docs/reference.md
     blocks: skip fusion -> scan-order switch -> x + (1+gate) Mixer(RMSNorm(x)(1+scale)+shift)
                                                                        docs/reference.md §1.5-1.7
     un-pad, depthwise 3x3 conv, RMSNorm + final adaLN, Linear, unpatchify   docs/reference.md §1.8
-Deliberate choices: the official skip-tune (upsampling configs only) scales skips by >= 0.99982, a no-op
-(docs/reference.md §1.7), so it is left out; FreeU, token dropout and drop-path are off in the released configs
-and are left out.
+Deliberate choices: the official skip-tune (upsampling configs only) scales skips by >= 0.99982, a near no-op
+(docs/reference.md §1.7): it is an option (`skip_tune`, off by default) that the converted upsampling releases
+switch on; FreeU, token dropout and drop-path are off in the released configs and are left out.
 `mixer='attention'` swaps each Mamba for multi-head self-attention (F.scaled_dot_product_attention) on the
 same skeleton; attention ignores token order, so that variant has no pad cells and no scan-order switches.
 This file holds the network only: no training, data or parallelism code.
@@ -83,9 +83,11 @@ class DiMBlock(nn.Module):
             else Attention(dim)
         self.scale_shift_table = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)  # adaLN-single per-block table
 
-    def forward(self, x, mod, perm=None, skip=None):
+    def forward(self, x, mod, perm=None, skip=None, skip_scale=None):
         """x (B, L, D) fp32 residual stream, mod (B, 3D), perm (L,) order switch, skip (B, L, D) -> (B, L, D)."""
         dtype = self.norm.weight.dtype
+        if skip_scale is not None:
+            skip = skip * skip_scale                                     # official skip-tune (docs/reference.md §1.7)
         if self.skip_linear is not None:
             if isinstance(self.skip_linear, nn.Linear):
                 x = self.skip_linear(torch.cat([x, skip], dim=-1).to(dtype)).float()
@@ -102,7 +104,8 @@ class DiM(nn.Module):
     """Diffusion Mamba: forward(x (B,C,H,W), t (B,) in [0,1000], y (B,) long) -> eps (B,C,H,W)."""
 
     def __init__(self, in_channels=4, input_size=32, num_classes=1000, width=1536, depth=49, patch=2,
-                 pad_mode="lateral", mixer="mamba", scan_backend="auto", grad_checkpointing=False, pad_len=3):
+                 pad_mode="lateral", mixer="mamba", scan_backend="auto", grad_checkpointing=False, pad_len=3,
+                 skip_tune=False, skip_tune_param=(0.82, 1.0)):
         super().__init__()
         if depth % 2 == 0:
             raise ValueError(f"DiM depth must be odd (block 0 + encoder half + decoder half), got {depth}")
@@ -135,6 +138,7 @@ class DiM(nn.Module):
         self.skip_from = list(range(self.encoder_start, self.encoder_start + half))
         self.blocks = nn.ModuleList([DiMBlock(D, mixer, i >= depth - half, scan_backend) for i in range(depth)])
         self.chain = scan_chain(depth, self.encoder_start) if mixer == "mamba" else [0] * depth
+        self.skip_scales = skip_tune_scales(half, *skip_tune_param) if skip_tune else None  # decoder order
         # head (docs/reference.md §1.8)
         self.norm_out = RMSNorm(D)
         self.proj_out_1 = nn.Linear(D, 2 * D)                                   # final adaLN from token embeddings
@@ -218,10 +222,13 @@ class DiM(nn.Module):
         skips = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
+            scale = None
+            if skip is not None and self.skip_scales is not None:
+                scale = self.skip_scales[i - (self.depth - len(self.skip_scales))]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mod, perms[i], skip, use_reentrant=False)
+                x = checkpoint(block, x, mod, perms[i], skip, scale, use_reentrant=False)
             else:
-                x = block(x, mod, perms[i], skip)
+                x = block(x, mod, perms[i], skip, scale)
             if i in self.skip_from:
                 skips.append(x)
         # head (docs/reference.md §1.8): the chain ends in order 0, so the grid is row-major again
@@ -232,6 +239,15 @@ class DiM(nn.Module):
         shift, scale = self.proj_out_1(F.silu(t_tok.to(dtype) + y_tok)).chunk(2, dim=1)
         img = self.norm_out(img) * (1 + scale[:, None].float()) + shift[:, None].float()
         return unpatchify(self.proj_out_2(img.to(dtype)), h, w, p, C)                # (B, C, H, W)
+
+
+def skip_tune_scales(n, top=0.82, bottom=1.0):
+    """Official skip-tune factors (mamba_2d.py `get_skiptune_weight` as `forward` calls it): the popped skip of
+    decoder block k (0..n-1) is scaled linearly from `bottom` to bottom + (top - bottom) t_c, with t_c = 1/1000
+    for every t as coded (so >= 0.99982 for the released (0.82, 1.0)); float32 like the official tensors."""
+    t_c = torch.tensor(1.0, dtype=torch.float32, device="cpu") / 1000       # cpu: also under torch.device("meta")
+    last = bottom + (top - bottom) * t_c
+    return [float(bottom + (last - bottom) * (k / max(n - 1, 1))) for k in range(n)]
 
 
 def unpatchify(tokens, h, w, p, C):
