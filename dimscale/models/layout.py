@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 SCAN_ORDERS = (0, -2, 1, -1)  # row-major, reversed row-major, column-major, reversed column-major (docs/reference.md §1.5)
+PAD_MODES = ("lateral", "rho_pad")  # the choices of model.pad_mode
 
 
 def scan_chain(depth: int, encoder_start: int = 1) -> list[int]:
@@ -72,5 +73,5 @@ def pad_layout(h: int, w: int, pad: int = 3, mode: str = "lateral"):
     elif mode == "rho_pad":
         pad_id = torch.arange(pad_pos.numel()) % pad
     else:
-        raise ValueError(f"pad_mode '{mode}' is not one of lateral, rho_pad")
+        raise ValueError(f"pad_mode '{mode}' is not one of {', '.join(PAD_MODES)}")
     return image_pos, pad_pos, pad_id
