@@ -316,6 +316,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result   # run eagerly even under torch.compile: it builds, imports and prints
 def _resolve(backend, dev):
     """The backend for `resolve_backend` (uncached)."""
     if backend not in SCAN_BACKENDS:
