@@ -19,7 +19,7 @@ import triton.language as tl
 
 from dimscale.ops.library import register_scan_autograd
 
-BD, T = 16, 32            # channels per program, time steps per chunk (GPU); (BD * N * T) fp32 live per program
+BD, T = 8, 16             # channels per program, time steps per chunk (GPU); (BD * N * T) fp32 live per tensor
 BD_CONV, T_CONV = 32, 64  # channels and time steps per causal-conv program
 
 
