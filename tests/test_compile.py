@@ -66,6 +66,8 @@ def test_compiled_dim_equals_eager_with_zero_graph_breaks():
     assert model._compiled_call_impl is not None
     for w, c in zip(want, got):
         torch.testing.assert_close(c, w, atol=1e-5, rtol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):         # new values, same shapes: no recompile
+        fwd_bwd(model, x.flip(0), t.flip(0), y.flip(0))
 
 
 def test_compile_option_is_validated():

@@ -168,19 +168,24 @@ class DiM(nn.Module):
         """Cached index tensors for a (h, w) token grid: pad cells, and each block's order switch."""
         key = (h, w, str(device))
         if key not in self._layouts:
-            n_front = PREFIX + self.pad_len                                    # prefix + separators never move
-            front = torch.arange(n_front)
-            perms, prev = [], 0
-            for order in self.chain:
-                rel = None
-                if order != prev:
-                    rel = torch.cat([front, n_front + relative_permutation(h, w, prev, order, self.pad_len)])
-                    rel = rel.to(device)
-                perms.append(rel)
-                prev = order
-            pads = pad_layout(h, w, self.pad_len, self.pad_mode) if self.mixer == "mamba" else None
-            self._layouts[key] = (perms, pads if pads is None else tuple(p.to(device) for p in pads))
+            if torch.compiler.is_compiling():       # filling the cache inside a traced graph would recompile it
+                return self._build_layout(h, w, device)
+            self._layouts[key] = self._build_layout(h, w, device)
         return self._layouts[key]
+
+    def _build_layout(self, h, w, device):
+        n_front = PREFIX + self.pad_len                                        # prefix + separators never move
+        front = torch.arange(n_front)
+        perms, prev = [], 0
+        for order in self.chain:
+            rel = None
+            if order != prev:
+                rel = torch.cat([front, n_front + relative_permutation(h, w, prev, order, self.pad_len)])
+                rel = rel.to(device)
+            perms.append(rel)
+            prev = order
+        pads = pad_layout(h, w, self.pad_len, self.pad_mode) if self.mixer == "mamba" else None
+        return perms, pads if pads is None else tuple(p.to(device) for p in pads)
 
     def pos_embed_for(self, h, w):
         """(1, 2 + h*w, D) pos-emb; the image part bilinearly resized when (h, w) differs from the base grid

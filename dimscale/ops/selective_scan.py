@@ -349,7 +349,8 @@ def resolve_backend(backend, device):
     are checked. Resolved once per (backend, device type)."""
     key = (backend, torch.device(device).type)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve(*key)
+        choice = _resolve(*key)
+        _RESOLVED[key] = _RESOLVED[(choice, key[1])] = choice   # the choice resolves to itself: no 2nd lookup
     return _RESOLVED[key]
 
 
