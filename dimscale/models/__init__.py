@@ -34,12 +34,11 @@ def build_model(cfg: ModelConfig) -> DiM:
                skip_tune_param=tuple(cfg.skip_tune_param), **model_size(cfg))
 
 
-def compile_model(model: DiM, cfg, backend: str = "inductor") -> DiM:
-    """`model.compile()` (in place: same module, same state-dict keys) when the ModelConfig's `compile` is on.
-    The scan backend is resolved first, outside the traced code, for the device training will use."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    if get("compile", False):
-        resolve_backend(get("scan_backend", "auto"), "cuda" if torch.cuda.is_available() else "cpu")
+def compile_model(model: DiM, cfg: ModelConfig, backend: str = "inductor") -> DiM:
+    """`model.compile()` (in place: same module, same state-dict keys) when `cfg.compile` is on. The scan
+    backend is resolved first, outside the traced code, for the device training will use."""
+    if cfg.compile:
+        resolve_backend(cfg.scan_backend, "cuda" if torch.cuda.is_available() else "cpu")
         model.compile(backend=backend)
     return model
 
