@@ -33,13 +33,14 @@ class ModelConfig:
     num_classes: int = 1000          # null class id for CFG = num_classes
     pad_mode: str = "lateral"        # 'lateral' (official 256) | 'rho_pad' (official 512 / upsampling)
     mixer: str = "mamba"             # 'mamba' | 'attention' (matched transformer baseline)
-    scan_backend: str = "auto"       # "auto" | "cuda" (mamba-ssm kernels) | "cpu" (compiled C kernel) | "chunked" | "ref"
+    scan_backend: str = "auto"       # "auto" | "cuda" (mamba-ssm) | "triton" | "cpu" (compiled C kernel) | "chunked" | "ref"
     grad_checkpointing: bool = False
     width: int = 0                   # > 0 replaces the zoo name's width (checkpoints of other sizes); 0 = the zoo's
     depth: int = 0                   # > 0 replaces the zoo name's depth (odd: block 0 + encoder + decoder halves)
     patch: int = 0                   # > 0 replaces the zoo name's patch size
     skip_tune: bool = False          # official skip-tune of the upsampling configs (docs/reference.md §1.7)
     skip_tune_param: tuple = (0.82, 1.0)  # official (top, bottom) skip-tune values
+    compile: bool = False            # torch.compile the model for training (dimscale.models.compile_model)
 
 
 @dataclass
@@ -204,15 +205,16 @@ def apply_override(data: dict, assignment: str) -> None:
 
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     """Raise ConfigError for impossible settings; `world_size` enables the batch divisibility check."""
-    from dimscale.models import MODEL_ZOO  # late import: config must load without torch work
+    from dimscale.models import MIXERS, MODEL_ZOO, PAD_MODES  # late import: config must load without torch work
+    from dimscale.ops import SCAN_BACKENDS
 
     m, t, d, dif = cfg.model, cfg.train, cfg.data, cfg.diffusion
     if m.name not in MODEL_ZOO:
         raise ConfigError(f"model.name '{m.name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
     choices = {
-        "model.pad_mode": (m.pad_mode, ("lateral", "rho_pad")),
-        "model.mixer": (m.mixer, ("mamba", "attention")),
-        "model.scan_backend": (m.scan_backend, ("auto", "cuda", "cpu", "chunked", "ref")),
+        "model.pad_mode": (m.pad_mode, PAD_MODES),
+        "model.mixer": (m.mixer, MIXERS),
+        "model.scan_backend": (m.scan_backend, SCAN_BACKENDS),
         "data.latent": (d.latent, ("none", "moments", "online")),
         "train.precision": (t.precision, ("bf16", "fp32")),
         "train.wandb": (t.wandb, ("online", "offline", "off")),
@@ -229,6 +231,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     if len(m.skip_tune_param) != 2 or not all(isinstance(v, (int, float)) for v in m.skip_tune_param):
         raise ConfigError(f"model.skip_tune_param = {list(m.skip_tune_param)} must be two numbers [top, bottom], "
                           f"e.g. [0.82, 1.0] (official)")
+    if m.compile and m.scan_backend in ("chunked", "ref"):
+        raise ConfigError(f"model.compile with model.scan_backend = '{m.scan_backend}': its Python loop over time "
+                          "steps would be unrolled into the graph; use scan_backend auto, cpu or triton (custom ops)")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage = {t.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2 or 3")
     if not 0.0 <= dif.p_uncond < 1.0:

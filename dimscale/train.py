@@ -139,7 +139,7 @@ class Run:
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     """The DiM, seeded identically on every rank, optionally initialised from an EMA snapshot (docs/reference.md §3.4)."""
-    from dimscale.models import adapt_state_dict, build_model as build_dim
+    from dimscale.models import adapt_state_dict, build_model as build_dim, compile_model
     from dimscale.snapshot import read_snapshot
     torch.manual_seed(cfg.train.seed)
     model = build_dim(cfg.model)
@@ -147,7 +147,7 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
         state, _ = read_snapshot(cfg.init.snapshot)
         # weak-to-strong: EMA weights of the low-res stage, pos-emb resized to this grid (DiM issue #9)
         model.load_state_dict(adapt_state_dict(state, model))
-    return model
+    return compile_model(model, cfg.model)   # model.compile: in place, state-dict keys unchanged
 
 
 def build_run(cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> Run:

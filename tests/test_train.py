@@ -42,7 +42,7 @@ def one_process(monkeypatch):
     (["data.shards=/nonexistent/shards"], 1, "no shards found"),
     (["model.name=DiM-Z/9"], 1, "model.name 'DiM-Z/9' is not in the zoo"),
     (["diffusion.min_snr_gamma=-1"], 1, "diffusion.min_snr_gamma = -1.0 must be >= 0"),
-    (["model.scan_backend=triton"], 1, "model.scan_backend = 'triton' is not one of"),
+    (["model.scan_backend=tpu"], 1, "model.scan_backend = 'tpu' is not one of"),
 ])
 def test_bad_config_is_rejected_with_a_clear_line(one_process, monkeypatch, capsys, sets, world, message):
     import torch.distributed as dist

@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BENCHES = ("scan", "model", "loader", "shards", "train", "zero", "fid")
+BENCHES = ("scan", "model", "loader", "shards", "train", "zero", "fid", "compile")
 
 
 def main(argv=None):

@@ -1,9 +1,13 @@
 """The DiM backbone, its attention baseline, and the named model zoo (docs/reference.md §2)."""
 from __future__ import annotations
 
+import torch
+
 from dimscale.config import ModelConfig
-from dimscale.models.dim import DiM, resize_pos_embed
+from dimscale.models.dim import MIXERS, DiM, resize_pos_embed
+from dimscale.models.layout import PAD_MODES
 from dimscale.models.mamba import Mamba
+from dimscale.ops import resolve_backend
 
 # name -> width, depth, patch. S/L/H are the official configs; T is a tiny debug model for tests and demos.
 MODEL_ZOO = {
@@ -30,6 +34,15 @@ def build_model(cfg: ModelConfig) -> DiM:
                skip_tune_param=tuple(cfg.skip_tune_param), **model_size(cfg))
 
 
+def compile_model(model: DiM, cfg: ModelConfig, backend: str = "inductor") -> DiM:
+    """`model.compile()` (in place: same module, same state-dict keys) when `cfg.compile` is on. The scan
+    backend is resolved first, outside the traced code, for the device training will use."""
+    if cfg.compile:
+        resolve_backend(cfg.scan_backend, "cuda" if torch.cuda.is_available() else "cpu")
+        model.compile(backend=backend)
+    return model
+
+
 def adapt_state_dict(state_dict: dict, model: DiM) -> dict:
     """Copy of `state_dict` whose pos-emb is resized (bilinear, prefix rows kept) to `model`'s grid, for
     finetuning from a snapshot of another resolution (official `load_pretrained_model`, docs/reference.md §3.4)."""
@@ -41,4 +54,5 @@ def adapt_state_dict(state_dict: dict, model: DiM) -> dict:
     return out
 
 
-__all__ = ["DiM", "Mamba", "MODEL_ZOO", "adapt_state_dict", "build_model", "model_size", "resize_pos_embed"]
+__all__ = ["DiM", "MIXERS", "Mamba", "MODEL_ZOO", "PAD_MODES", "adapt_state_dict", "build_model", "compile_model",
+           "model_size", "resize_pos_embed"]

@@ -24,10 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dimscale.models.layout import pad_layout, relative_permutation, scan_chain
+from dimscale.models.layout import PAD_MODES, pad_layout, relative_permutation, scan_chain
 from dimscale.models.mamba import Mamba
 
 PREFIX = 2  # [t_tok, y_tok]
+MIXERS = ("mamba", "attention")   # the choices of model.mixer
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -111,10 +112,10 @@ class DiM(nn.Module):
             raise ValueError(f"DiM depth must be odd (block 0 + encoder half + decoder half), got {depth}")
         if input_size % patch:
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch}")
-        if mixer not in ("mamba", "attention"):
-            raise ValueError(f"mixer '{mixer}' is not one of mamba, attention")
-        if pad_mode not in ("lateral", "rho_pad"):
-            raise ValueError(f"pad_mode '{pad_mode}' is not one of lateral, rho_pad")
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer '{mixer}' is not one of {', '.join(MIXERS)}")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode '{pad_mode}' is not one of {', '.join(PAD_MODES)}")
         D = width
         self.in_channels, self.patch, self.width, self.depth = in_channels, patch, width, depth
         self.num_classes, self.null_class = num_classes, num_classes
@@ -167,19 +168,24 @@ class DiM(nn.Module):
         """Cached index tensors for a (h, w) token grid: pad cells, and each block's order switch."""
         key = (h, w, str(device))
         if key not in self._layouts:
-            n_front = PREFIX + self.pad_len                                    # prefix + separators never move
-            front = torch.arange(n_front)
-            perms, prev = [], 0
-            for order in self.chain:
-                rel = None
-                if order != prev:
-                    rel = torch.cat([front, n_front + relative_permutation(h, w, prev, order, self.pad_len)])
-                    rel = rel.to(device)
-                perms.append(rel)
-                prev = order
-            pads = pad_layout(h, w, self.pad_len, self.pad_mode) if self.mixer == "mamba" else None
-            self._layouts[key] = (perms, pads if pads is None else tuple(p.to(device) for p in pads))
+            if torch.compiler.is_compiling():       # filling the cache inside a traced graph would recompile it
+                return self._build_layout(h, w, device)
+            self._layouts[key] = self._build_layout(h, w, device)
         return self._layouts[key]
+
+    def _build_layout(self, h, w, device):
+        n_front = PREFIX + self.pad_len                                        # prefix + separators never move
+        front = torch.arange(n_front)
+        perms, prev = [], 0
+        for order in self.chain:
+            rel = None
+            if order != prev:
+                rel = torch.cat([front, n_front + relative_permutation(h, w, prev, order, self.pad_len)])
+                rel = rel.to(device)
+            perms.append(rel)
+            prev = order
+        pads = pad_layout(h, w, self.pad_len, self.pad_mode) if self.mixer == "mamba" else None
+        return perms, pads if pads is None else tuple(p.to(device) for p in pads)
 
     def pos_embed_for(self, h, w):
         """(1, 2 + h*w, D) pos-emb; the image part bilinearly resized when (h, w) differs from the base grid
@@ -196,7 +202,7 @@ class DiM(nn.Module):
             raise ValueError(f"DiM input {tuple(x.shape)}: need {self.in_channels} channels and H, W divisible by "
                              f"the patch size {p}")
         t = t.expand(B) if t.dim() == 0 else t
-        if not x.is_cuda and (y.min() < 0 or y.max() > self.num_classes):
+        if not x.is_cuda and not torch.compiler.is_compiling() and (y.min() < 0 or y.max() > self.num_classes):
             raise ValueError(f"class ids must be in [0, {self.num_classes}] ({self.num_classes} = null class)")
         h, w = H // p, W // p
         perms, pads = self.layout(h, w, x.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 SCAN_ORDERS = (0, -2, 1, -1)  # row-major, reversed row-major, column-major, reversed column-major (docs/reference.md §1.5)
+PAD_MODES = ("lateral", "rho_pad")  # the choices of model.pad_mode
 
 
 def scan_chain(depth: int, encoder_start: int = 1) -> list[int]:
@@ -64,13 +65,15 @@ def pad_layout(h: int, w: int, pad: int = 3, mode: str = "lateral"):
     Hp, Wp = h + pad, w + pad
     i, j = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
     is_pad = ((i >= h) | (j >= w)).flatten()
-    cells = torch.arange(Hp * Wp)
-    image_pos, pad_pos = cells[~is_pad], cells[is_pad]
+    # a stable sort instead of boolean indexing: same cells in row-major order, no data-dependent shapes
+    # (traceable by torch.compile without a graph break)
+    cells = torch.argsort(is_pad.to(torch.uint8), stable=True)
+    image_pos, pad_pos = cells[:h * w], cells[h * w:]
     if mode == "lateral":
-        pi, pj = i.flatten()[is_pad], j.flatten()[is_pad]
+        pi, pj = i.flatten()[pad_pos], j.flatten()[pad_pos]
         pad_id = torch.where(pi >= h, pi - h, pj - w)
     elif mode == "rho_pad":
         pad_id = torch.arange(pad_pos.numel()) % pad
     else:
-        raise ValueError(f"pad_mode '{mode}' is not one of lateral, rho_pad")
+        raise ValueError(f"pad_mode '{mode}' is not one of {', '.join(PAD_MODES)}")
     return image_pos, pad_pos, pad_id

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dimscale.ops import causal_conv1d_fn, cuda_kernels, resolve_backend, selective_scan_fn
+from dimscale.ops import causal_conv1d_fn, cuda_kernels, resolve_backend, selective_scan_fn, triton_ops
 
 
 class Mamba(nn.Module):
@@ -59,7 +59,8 @@ class Mamba(nn.Module):
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
                                   self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         x, z = xz.chunk(2, dim=1)                                                   # (B, d_inner, L) each
-        x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        conv = triton_ops().causal_conv1d_triton if backend == "triton" else causal_conv1d_fn  # custom ops: compile
+        x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))                                      # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)                      # (B, d_inner, L), bias in scan

@@ -1,4 +1,4 @@
-"""Depthwise causal conv1d (Mamba's short convolution): a reference, a fast channels-last path, the CUDA kernel."""
+"""Depthwise causal conv1d (Mamba's short convolution): a reference, a fast channels-last path, the CUDA kernels."""
 from __future__ import annotations
 
 import torch
@@ -36,12 +36,25 @@ def causal_conv1d_shifted(x, weight, bias=None, activation=None):
     return (F.silu(out) if activation else out).transpose(1, 2)
 
 
+_CUDA_CONV = None
+
+
+def _cuda_conv():
+    """The conv for CUDA tensors: our Triton kernel, else causal-conv1d's extension, else the shifted one."""
+    global _CUDA_CONV
+    if _CUDA_CONV is None:
+        from dimscale.ops.selective_scan import triton_ops
+        if triton_ops():
+            _CUDA_CONV = triton_ops().causal_conv1d_triton
+        else:
+            try:
+                from causal_conv1d import causal_conv1d_fn as ext
+                _CUDA_CONV = lambda x, w, b, activation: ext(x, w, b, activation=activation)  # noqa: E731
+            except ImportError:
+                _CUDA_CONV = causal_conv1d_shifted
+    return _CUDA_CONV
+
+
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """causal-conv1d's CUDA kernel when installed and x is on CUDA, else `causal_conv1d_shifted`."""
-    if x.is_cuda:
-        try:
-            from causal_conv1d import causal_conv1d_fn as cuda_fn
-            return cuda_fn(x, weight, bias, activation=activation)
-        except ImportError:
-            pass
-    return causal_conv1d_shifted(x, weight, bias, activation)
+    """On CUDA the Triton kernel (or causal-conv1d's, without triton); on CPU `causal_conv1d_shifted`."""
+    return (_cuda_conv() if x.is_cuda else causal_conv1d_shifted)(x, weight, bias, activation)

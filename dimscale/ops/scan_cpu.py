@@ -20,8 +20,11 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from dimscale.ops.library import register_scan_autograd
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 LANES = 32        # channels per tile in the kernel (its W)
@@ -104,37 +107,55 @@ def _threads(D: int) -> int:
     return max(1, min(torch.get_num_threads(), -(-D // LANES), 256))
 
 
-class _Scan(torch.autograd.Function):
+@torch.library.custom_op("dimscale::scan_cpu_fwd", mutates_args=(), device_types="cpu")
+def scan_cpu_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], bias: Optional[torch.Tensor], softplus: bool,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole scan in the kernel. u, delta, z: (batch, L, D); A: (N, D); B, C: (batch, L, N); D, bias: (D,);
-    all fp32 contiguous, the optional ones None. Returns out (batch, L, D) and the last state (batch, N, D)."""
+    all fp32, the optional ones None. Returns out (batch, L, D) and the state entering each block of `chunk`
+    steps plus the last, (batch, K+1, N, D)."""
+    u, delta, B, C, D, z, bias = (None if x is None else x.contiguous() for x in (u, delta, B, C, D, z, bias))
+    batch, L, Dm = u.shape
+    out, states = _scan_cpu_fwd_fake(u, delta, A, B, C, D, z, bias, softplus, chunk)
+    A2 = (A * LOG2E).contiguous()                                # a local: it must outlive the call
+    _load().scan_forward(batch, L, Dm, A.shape[0], chunk, _threads(Dm), int(softplus),
+                         *map(_ptr, (u, delta, bias, A2, B, C, D, z, out, states)))
+    return out, states
 
-    @staticmethod
-    def forward(ctx, u, delta, A, Bv, Cv, Dv, z, bias, softplus):
-        batch, L, D = u.shape
-        N = A.shape[0]
-        A2 = (A * LOG2E).contiguous()
-        out = torch.empty_like(u)
-        states = u.new_empty(batch, -(-L // BLOCK) + 1, N, D)   # state entering each block; the last = final
-        _load().scan_forward(batch, L, D, N, BLOCK, _threads(D), int(softplus),
-                             *map(_ptr, (u, delta, bias, A2, Bv, Cv, Dv, z, out, states)))
-        ctx.save_for_backward(u, delta, bias, A2, Bv, Cv, Dv, z, states)
-        ctx.softplus = softplus
-        return out, states[:, -1].clone()
 
-    @staticmethod
-    def backward(ctx, gout, glast):
-        u, delta, bias, A2, Bv, Cv, Dv, z, states = ctx.saved_tensors
-        batch, L, D = u.shape
-        N, threads = A2.shape[0], _threads(D)
-        gout = gout.contiguous()
-        glast = None if glast is None else glast.contiguous()
-        gu, gdelta, gA = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A2)
-        gB, gC = (u.new_zeros(threads, batch, L, N) for _ in range(2))   # per-thread partial sums over D
-        gD, gz, gbias = (None if x is None else torch.empty_like(x) for x in (Dv, z, bias))
-        _load().scan_backward(batch, L, D, N, BLOCK, threads, int(ctx.softplus),
-                              *map(_ptr, (u, delta, bias, A2, Bv, Cv, Dv, z, states, gout, glast,
-                                          gu, gdelta, gA, gB, gC, gD, gz, gbias)))
-        return gu, gdelta, gA, gB.sum(0), gC.sum(0), gD, gz, gbias, None
+@scan_cpu_fwd.register_fake
+def _scan_cpu_fwd_fake(u, delta, A, B, C, D, z, bias, softplus, chunk):
+    batch, L, Dm = u.shape
+    return u.new_empty(batch, L, Dm), u.new_empty(batch, -(-L // chunk) + 1, A.shape[0], Dm)
+
+
+@torch.library.custom_op("dimscale::scan_cpu_bwd", mutates_args=(), device_types="cpu")
+def scan_cpu_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 states: torch.Tensor, gout: torch.Tensor, glast: Optional[torch.Tensor], softplus: bool,
+                 chunk: int) -> list[torch.Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, dz, dbias] in the layouts of `scan_cpu_fwd`; empty for absent D, z, bias."""
+    u, delta, B, C, D, z, bias, states, gout, glast = (None if x is None else x.contiguous() for x in (
+        u, delta, B, C, D, z, bias, states, gout, glast))
+    batch, L, Dm = u.shape
+    N, threads = A.shape[0], _threads(Dm)
+    gu, gdelta, gA = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A)
+    gB, gC = (u.new_zeros(threads, batch, L, N) for _ in range(2))   # per-thread partial sums over D
+    gD, gz, gbias = (None if x is None else torch.empty_like(x) for x in (D, z, bias))
+    A2 = (A * LOG2E).contiguous()
+    _load().scan_backward(batch, L, Dm, N, chunk, threads, int(softplus),
+                          *map(_ptr, (u, delta, bias, A2, B, C, D, z, states, gout, glast,
+                                      gu, gdelta, gA, gB, gC, gD, gz, gbias)))
+    return [gu, gdelta, gA, gB.sum(0), gC.sum(0), *(u.new_empty(0) if g is None else g for g in (gD, gz, gbias))]
+
+
+@scan_cpu_bwd.register_fake
+def _(u, delta, A, B, C, D, z, bias, states, gout, glast, softplus, chunk):
+    return [u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), *(u.new_empty(0) if x is None else x.new_empty(x.shape) for x in (D, z, bias))]
+
+
+register_scan_autograd(scan_cpu_fwd, scan_cpu_bwd)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -147,7 +168,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     bld = lambda x: None if x is None else x.float().transpose(1, 2).contiguous()
     vec = lambda x: None if x is None else x.float().contiguous()
     with torch.autocast(device_type="cpu", enabled=False):     # the SSM runs in fp32 (Mamba README)
-        out, last = _Scan.apply(bld(u), bld(delta), A.float().t().contiguous(), bld(B), bld(C), vec(D), bld(z),
-                                vec(delta_bias), bool(delta_softplus))
+        out, states = scan_cpu_fwd(bld(u), bld(delta), A.float().t().contiguous(), bld(B), bld(C), vec(D), bld(z),
+                                   vec(delta_bias), bool(delta_softplus), BLOCK)
     out = out.transpose(1, 2).to(u.dtype)                       # (B, D, L), in u's dtype as the reference
-    return (out, last.transpose(1, 2)) if return_last_state else out
+    return (out, states[:, -1].transpose(1, 2)) if return_last_state else out

@@ -11,6 +11,8 @@ constant (D, N); D, delta_bias (D,). Output has u's dtype; last_state (B, D, N) 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -273,10 +275,13 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch: mamba-ssm's CUDA kernels when present, else the pure-PyTorch paths
+# Dispatch: mamba-ssm's CUDA kernels or the Triton kernels on CUDA, the C kernel on CPU, else pure PyTorch
 # ------------------------------------------------------------------------------------------------
 
+SCAN_BACKENDS = ("auto", "cuda", "triton", "cpu", "chunked", "ref")   # the choices of model.scan_backend
 _CUDA_OPS = None
+_TRITON = None
+_RESOLVED = {}        # (backend, device type) -> backend: plain dict lookups, so torch.compile traces through
 
 
 def cuda_kernels():
@@ -294,33 +299,72 @@ def cuda_kernels():
     return _CUDA_OPS or None
 
 
-def resolve_backend(backend, device):
-    """'auto' -> 'cuda' on CUDA tensors with mamba-ssm importable, 'cpu' (the compiled kernel) on CPU where it
-    builds, else 'chunked' (pure PyTorch); explicit choices are checked."""
-    if backend not in ("auto", "cuda", "cpu", "chunked", "ref"):
-        raise ValueError(f"scan backend '{backend}' is not one of auto, cuda, cpu, chunked, ref")
-    dev = torch.device(device).type
+def triton_ops():
+    """The `triton_scan` module (Triton kernels as custom ops), or None when triton does not import."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from dimscale.ops import triton_scan
+            _TRITON = triton_scan
+        except ImportError:
+            _TRITON = False
+    return _TRITON or None
+
+
+def triton_interpreted() -> bool:
+    """Triton's CPU interpreter is on (it must be set before triton is imported, so it is read from the env)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result   # run eagerly even under torch.compile: it builds, imports and prints
+def _resolve(backend, dev):
+    """The backend for `resolve_backend` (uncached)."""
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"scan backend '{backend}' is not one of {', '.join(SCAN_BACKENDS)}")
+    if backend == "auto" and dev == "cuda":
+        choice = "cuda" if cuda_kernels() else "triton" if triton_ops() else "chunked"
+        why = {"cuda": "mamba-ssm imports", "triton": "mamba-ssm does not import; triton does",
+               "chunked": "neither mamba-ssm nor triton imports: the slow pure-PyTorch scan"}[choice]
+        print(f"dimscale: selective scan on CUDA uses backend '{choice}' ({why})", file=sys.stderr, flush=True)
+        return choice
     if backend == "auto":
-        if dev == "cuda" and cuda_kernels():
-            return "cuda"
         return "cpu" if dev == "cpu" and scan_cpu.available() else "chunked"
     if backend == "cuda" and not (dev == "cuda" and cuda_kernels()):
         raise RuntimeError("scan backend 'cuda' needs CUDA tensors and mamba-ssm (pip install 'dimscale[cuda]'); "
                            "use model.scan_backend=auto or chunked on this machine")
+    if backend == "triton" and dev != "cuda" and not triton_interpreted():
+        raise ValueError(f"scan backend 'triton' on {dev} tensors is not one of the usable ones here: it needs CUDA "
+                         "tensors, or TRITON_INTERPRET=1 set before start (Triton's slow CPU interpreter, for tests)")
+    if backend == "triton" and not triton_ops():
+        raise RuntimeError("scan backend 'triton' needs triton (pip install triton; CUDA builds of torch ship it)")
     if backend == "cpu" and not (dev == "cpu" and scan_cpu.available()):
         raise RuntimeError("scan backend 'cpu' needs CPU tensors and a C compiler to build the kernel "
                            "(apt-get install gcc, or set CC); use model.scan_backend=auto or chunked")
     return backend
 
 
+def resolve_backend(backend, device):
+    """'auto' -> on CUDA tensors 'cuda' (mamba-ssm) if it imports, else 'triton', else 'chunked', saying once
+    which; on CPU 'cpu' (the compiled kernel) where it builds, else 'chunked' (pure PyTorch). Explicit choices
+    are checked. Resolved once per (backend, device type)."""
+    key = (backend, torch.device(device).type)
+    if key not in _RESOLVED:
+        choice = _resolve(*key)
+        _RESOLVED[key] = _RESOLVED[(choice, key[1])] = choice   # the choice resolves to itself: no 2nd lookup
+    return _RESOLVED[key]
+
+
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, backend="auto"):
-    """Selective scan through the backend chosen by `resolve_backend` (same arguments as mamba-ssm's). The CPU
-    kernel covers Mamba-1's case (real A, variable ungrouped B and C); other cases take the chunked scan."""
+    """Selective scan through the backend chosen by `resolve_backend` (same arguments as mamba-ssm's). The C
+    and Triton kernels cover Mamba-1's case (real A, variable ungrouped B and C); other cases take the chunked
+    scan."""
     backend = resolve_backend(backend, u.device)
     if backend == "cuda":
         return cuda_kernels()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if backend == "cpu" and not scan_cpu.supports(u, A, B, C):
+    if backend == "cpu" and not scan_cpu.supports(u, A, B, C) or backend == "triton" and not \
+            triton_ops().supports(u, A, B, C):
         backend = "chunked"
-    fn = {"ref": selective_scan_ref, "cpu": scan_cpu.selective_scan_cpu, "chunked": selective_scan_chunked}[backend]
+    fn = {"ref": selective_scan_ref, "cpu": scan_cpu.selective_scan_cpu, "chunked": selective_scan_chunked,
+          "triton": triton_ops().selective_scan_triton if backend == "triton" else None}[backend]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
