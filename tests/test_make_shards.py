@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -204,3 +205,75 @@ def test_resize_center_crop_any_size_to_any_bucket():
         assert abs((right - left) / (bottom - top) - tw / th) < 1e-6 * tw / th + 1e-9
     im = Image.new("RGB", (301, 173), (10, 200, 30))
     assert resize_center_crop(im, 44, 92, 3).size == (44, 92)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile inputs: EXIF rotation, non-UTF-8 names, formats Pillow cannot decode, stems shared by several files
+# ------------------------------------------------------------------------------------------------
+
+def shard_samples(out):
+    """{json key: (meta, decoded image)} over every shard of a finished output folder."""
+    m = json.load(open(out / "manifest.json"))
+    got = {}
+    for entry in m["buckets"].values():
+        for shard in entry["shards"]:
+            for s in tar_samples(out / shard["url"]).values():
+                meta = json.loads(s["json"])
+                got[meta["key"]] = (meta, np.asarray(Image.open(io.BytesIO(s["png"]))))
+    return m, got
+
+
+def test_exif_orientation_applied_before_bucketing(tmp_path):
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    raw = np.zeros((100, 200, 3), np.uint8)  # stored landscape 200x100: left half red, right half blue
+    raw[:, :100, 0], raw[:, 100:, 2] = 255, 255
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a phone held upright
+    im.save(src / "phone.jpg", quality=95, exif=exif.tobytes())
+    im.save(src / "plain.jpg", quality=95)
+    assert run_make_shards(src.parent, tmp_path / "out", "--resolution", 64, "--format", "png", "--workers", 1) == 0
+    m, got = shard_samples(tmp_path / "out")
+    meta, a = got["c/phone"]
+    assert meta["orig_size"] == [100, 200] and meta["bucket"] == "44x92"  # portrait, as displayed
+    assert got["c/plain"][0]["bucket"] == "92x44"
+    top, bottom = a[: a.shape[0] // 3].mean((0, 1)), a[-a.shape[0] // 3:].mean((0, 1))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # turned clockwise: red on top, blue below
+
+
+def test_any_per_file_failure_is_skipped_and_counted(tmp_path):
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(src / "c" / "ok.png")
+    # a file name that is not UTF-8 (Latin-1 'café'), written through the bytes API
+    with open(os.path.join(os.fsencode(src / "c"), b"caf\xe9.png"), "wb") as f:
+        Image.new("RGB", (40, 40), (200, 10, 30)).save(f, "PNG")
+    # a DDS header with a pixel format Pillow does not implement: NotImplementedError from Image.open
+    dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + b"\0" * 44 + struct.pack("<2I", 32, 4) + \
+        b"XXXX" + b"\0" * 40
+    (src / "c" / "broken.dds").write_bytes(dds + b"\0" * 256)
+    # three files with one stem, one key each
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(src / "c" / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(src / "c" / "anim.png", save_all=True, append_images=frames[1:])
+    frames[0].save(src / "c" / "anim.webp", save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    args = [src, out, "--resolution", 32, "--format", "png", "--workers", 1]
+    assert run_make_shards(*args) == 0
+    m, got = shard_samples(out)
+    assert m["skipped"] == {"unsupported_format": 1} and m["total"] == 5
+    assert {"c/anim.gif", "c/anim.png", "c/anim.webp", "c/ok", os.fsdecode(b"c/caf\xe9")} == set(got)
+    assert got[os.fsdecode(b"c/caf\xe9")][1][16, 16, 0] > 150  # the red image under the non-UTF-8 name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    before = {p: sha(out / p) for p in os.listdir(out) if p.endswith(".tar")}
+    assert run_make_shards(*args) == 0  # a rerun keeps every shard (same input hash), no crash
+    assert before == {p: sha(out / p) for p in os.listdir(out) if p.endswith(".tar")}
+
+
+def test_only_the_output_folder_failing_is_fatal(tmp_path):
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "src" / "c" / "a.png")
+    (tmp_path / "blocked").write_text("a file where the output folder should be")
+    with pytest.raises(SystemExit, match="cannot create the output folder"):
+        run_make_shards(tmp_path / "src", tmp_path / "blocked" / "out", "--resolution", 32, "--workers", 1)

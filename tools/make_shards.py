@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import gzip
 import hashlib
 import io
 import json
@@ -39,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimscale.data.buckets import bucket_name, nearest_bucket, parse_bucket_table  # noqa: E402
-from dimscale.data.images import resize_center_crop, to_mode  # noqa: E402
+from dimscale.data.images import read_idx, resize_center_crop, to_mode, upright_size  # noqa: E402
 
 TOOL_VERSION = "1.0"
 if sys.platform.startswith("linux"):
@@ -78,7 +77,16 @@ def list_class_tree(root: str) -> tuple:
                 if not f.startswith("."):
                     path = os.path.join(dirpath, f)
                     records.append(Record(os.path.splitext(os.path.relpath(path, root))[0], label, path))
-    return records, {c: i for i, c in enumerate(classes)}
+    return unique_keys(records), {c: i for i, c in enumerate(classes)}
+
+
+def unique_keys(records: list) -> list:
+    """Files that share a stem (anim.gif, anim.png, anim.webp) keep their extension in the key, so keys are unique."""
+    stems = Counter(r.key for r in records)
+    for r in records:
+        if stems[r.key] > 1:
+            r.key += os.path.splitext(r.path)[1]
+    return records
 
 
 def read_labels_file(path: str) -> dict:
@@ -108,21 +116,7 @@ def list_labeled_folder(root: str, labels_path: str) -> tuple:
     else:
         class_map = {n: i for i, n in enumerate(names)}
     records = [Record(os.path.splitext(f)[0], class_map[lab], os.path.join(root, f)) for f, lab in labels.items()]
-    return sorted(records, key=lambda r: r.key), class_map
-
-
-_IDX_CACHE: dict = {}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """IDX file (optionally .gz) -> uint8 array (N, ...); cached per process (fork shares it with workers)."""
-    if path not in _IDX_CACHE:
-        with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
-            raw = f.read()
-        ndim = raw[3]
-        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-        _IDX_CACHE[path] = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    return _IDX_CACHE[path]
+    return sorted(unique_keys(records), key=lambda r: r.key), class_map
 
 
 def list_idx(root: str, split: str) -> tuple:
@@ -154,18 +148,27 @@ def probe(rec: Record, min_size: int, max_pixels: int) -> tuple:
             if os.path.getsize(rec.path) == 0:
                 return None, None, "zero_byte"
             with Image.open(rec.path) as im:
-                w, h = im.size
-        except UnidentifiedImageError:
-            return None, None, "not_an_image"
-        except Image.DecompressionBombError:
-            return None, None, "decompression_bomb"
-        except (OSError, SyntaxError, ValueError):
-            return None, None, "unreadable"
+                w, h = upright_size(im)  # EXIF-rotated photos are bucketed as they are displayed
+        except Exception as e:  # any failure on one file is that file's skip reason, never the run's end
+            return None, None, skip_reason(e)
     if w * h > max_pixels:
         return None, None, "decompression_bomb"
     if min(w, h) < min_size:
         return None, None, "too_small"
     return w, h, None
+
+
+def skip_reason(e: Exception) -> str:
+    """A per-file exception -> the reason it is counted under."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not_an_image"
+    if isinstance(e, Image.DecompressionBombError):
+        return "decompression_bomb"
+    if isinstance(e, (OSError, SyntaxError, ValueError)):
+        return "unreadable"
+    if isinstance(e, NotImplementedError):  # e.g. a DDS pixel format Pillow does not decode
+        return "unsupported_format"
+    return f"error_{type(e).__name__}"
 
 
 def load_image(rec: Record, keep_bytes: bool) -> tuple:
@@ -203,7 +206,8 @@ class ShardSpec:
     def input_hash(self) -> str:
         h = hashlib.sha1()
         for idx, rec, size in self.records:
-            h.update(f"{idx}|{rec.key}|{rec.label}|{size}\n".encode())
+            # keys of non-UTF-8 file names hold surrogates (os.fsdecode): hash their original bytes
+            h.update(f"{idx}|{rec.key}|{rec.label}|{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -243,6 +247,9 @@ def process_shard(spec: ShardSpec, opts: dict, keep_pixels: bool = False) -> tup
                 ext, data = encode(out, "png" if opts["format"] == "orig" else opts["format"], opts["quality"])
         except (OSError, SyntaxError, ValueError) as e:
             skipped["truncated" if "truncat" in str(e) or "broken" in str(e) else "corrupt"] += 1
+            continue
+        except Exception as e:  # whatever else one file raises (NotImplementedError, ...): skipped and counted
+            skipped[skip_reason(e)] += 1
             continue
         meta = {"key": rec.key, "label": rec.label, "orig_size": [w, h], "bucket": bucket_name(tw, th)}
         samples.append({"__key__": f"{idx:09d}", ext: data, "cls": str(rec.label).encode(),
@@ -424,7 +431,10 @@ def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     from tqdm import tqdm
     t0 = time.time()
-    os.makedirs(a.out, exist_ok=True)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the output folder '{a.out}': {e.strerror}") from None
     records, class_map, source = list_inputs(a)
     table = parse_bucket_table(a.buckets, a.resolution)
     channels = a.channels or (1 if source["kind"] == "idx" else 3)
@@ -449,12 +459,16 @@ def main(argv=None) -> int:
     encode_vae = load_vae_encoder(a.vae) if a.vae and todo else None
     bar = tqdm(total=sum(len(s.records) for s in todo), unit="img", desc="shards", disable=a.no_progress,
                mininterval=1, smoothing=0.1)
-    for spec, samples, pixels, skipped, side in (imap(_do_shard, todo) if pool else map(_do_shard, todo)):
-        if encode_vae is not None:
-            for s, m in zip(samples, encode_vae(pixels, a.vae_batch)):
-                s["moments.npy"] = npy_bytes(m)
-            write_shard(a.out, spec, samples, skipped)
-        bar.update(len(spec.records))
+    try:  # per-file failures are counted inside the workers; what reaches here is the output folder failing
+        for spec, samples, pixels, skipped, side in (imap(_do_shard, todo) if pool else map(_do_shard, todo)):
+            if encode_vae is not None:
+                for s, m in zip(samples, encode_vae(pixels, a.vae_batch)):
+                    s["moments.npy"] = npy_bytes(m)
+                write_shard(a.out, spec, samples, skipped)
+            bar.update(len(spec.records))
+    except OSError as e:
+        raise SystemExit(f"error: writing shards to '{a.out}' failed: {e.strerror or e}; finished shards are "
+                         f"kept, rerun the same command once it is writable") from None
     bar.close()
     if pool:
         pool.close()

@@ -13,14 +13,13 @@ sums, up to summation order) are the same on 1 or 64 ranks.
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import os
 import zipfile
 
 import numpy as np
 import torch
-from PIL import Image
+
+from dimscale.data.images import decode_image, read_idx as read_idx_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -33,10 +32,9 @@ def my_batches(num_images: int, batch: int, rank: int, world: int):
             yield start, min(start + batch, num_images)
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded bytes -> uint8 (3, H, W) RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+def rgb_tensor(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> uint8 (3, H, W) RGB at the image's own size (the package's one decoder)."""
+    return torch.from_numpy(np.asarray(decode_image(data)).copy()).permute(2, 0, 1)
 
 
 def _npz_member(path: str, key: str):
@@ -102,7 +100,7 @@ class FolderSource:
         imgs = []
         for f in self.files[start:stop]:
             with open(f, "rb") as fh:
-                imgs.append(decode_image(fh.read()))
+                imgs.append(rgb_tensor(fh.read()))
         return imgs, None
 
 
@@ -113,11 +111,7 @@ def read_idx(folder: str = FASHION_MNIST, split: str = "train") -> tuple[np.ndar
     if not all(os.path.isfile(p) for p in paths):
         raise FileNotFoundError(f"Fashion-MNIST not found at {folder}; install it with "
                                 "`apt-get install -y --no-install-recommends dataset-fashion-mnist`")
-    with gzip.open(paths[0]) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(paths[1]) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return images, labels
+    return read_idx_file(paths[0]), read_idx_file(paths[1])
 
 
 class IdxSource:
@@ -178,7 +172,7 @@ class ShardSource:
                 if key is None:
                     raise ValueError(f"shard sample {sample.get('__key__')} has no jpg/png/webp image "
                                      f"(keys {sorted(sample)}); latent-only shards cannot be a pixel reference")
-                imgs.append(decode_image(sample[key]))
+                imgs.append(rgb_tensor(sample[key]))
                 cls = sample.get("cls")
                 labels.append(int(cls.decode() if isinstance(cls, bytes) else cls) if cls is not None else -1)
                 if len(imgs) == 1:
