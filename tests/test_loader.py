@@ -1,10 +1,14 @@
 """dimscale.data loader on real shards: buckets, exact resume, ranks x workers splits, corrupt shards, pipe: URLs."""
+import contextlib
 import io
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import subprocess
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -205,3 +209,110 @@ def test_vae_moments_written_and_loaded(tmp_path, fashion):
         build_loader(DataConfig(shards=str(tmp_path / "shards"), resolution=32, latent="moments"), 2, 0, 1, 0)
     with pytest.raises(ValueError, match="--vae"):
         build_loader(DataConfig(shards=str(fashion), resolution=32, latent="moments"), 2, 0, 1, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile shards (dimscale/data/tario.py): huge members, FIFOs, hung pipes, manifest names that are not data
+# ------------------------------------------------------------------------------------------------
+
+class Hung(BaseException):
+    """Raised by the alarm: a BaseException, so no `except Exception` in the code under test swallows it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    def fire(*_):
+        raise Hung(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def copy_shards(src, dst, manifest_edit=None):
+    for f in os.listdir(src):
+        shutil.copy(src / f, dst / f)
+    if manifest_edit:
+        m = json.load(open(dst / "manifest.json"))
+        manifest_edit(m)
+        json.dump(m, open(dst / "manifest.json", "w"))
+    return sorted(f for f in os.listdir(dst) if f.endswith(".tar"))
+
+
+def peak_rss_mb() -> float:
+    return int([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]) / 1024
+
+
+def test_oversized_member_is_skipped_without_reading_it(fashion, tmp_path):
+    shards = copy_shards(fashion, tmp_path)
+    # shard 1 becomes: one real sample, then a 600 MB member (sparse on disk), then the end marker
+    first = tarfile.open(fashion / shards[1]).getmembers()[0].name.split(".")[0]
+    with tarfile.open(fashion / shards[1]) as src, open(tmp_path / shards[1], "wb") as out:
+        for m in src.getmembers()[:3]:
+            info = tarfile.TarInfo(m.name)
+            info.size = m.size
+            out.write(info.tobuf(tarfile.USTAR_FORMAT) + src.extractfile(m).read() + b"\0" * (-m.size % 512))
+        huge = tarfile.TarInfo("000099999.png")
+        huge.size = 600 << 20
+        out.write(huge.tobuf(tarfile.USTAR_FORMAT))
+        out.seek(huge.size, os.SEEK_CUR)
+        out.write(b"\0" * 1024)
+    cfg = DataConfig(shards=str(tmp_path), resolution=32, channels=1, num_workers=0, shuffle_buffer=8)
+    loader = build_loader(cfg, 10, 0, 1, seed=0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset this process's peak RSS
+    before = peak_rss_mb()
+    batches = take(loader, 40)  # one pass is 36 batches: shard 1 is read
+    assert peak_rss_mb() - before < 200, "the oversized member was read into memory"
+    assert loader.counts()["skipped"]["oversized_member"] >= 1
+    keys = {b for batch in batches for b in batch["key"]}
+    assert first in keys and "000099999" not in keys
+
+
+def test_fifo_shard_is_skipped_not_waited_on(fashion, tmp_path):
+    shards = copy_shards(fashion, tmp_path)
+    os.remove(tmp_path / shards[3])
+    os.mkfifo(tmp_path / shards[3])  # nobody ever writes: open() for reading would block forever
+    cfg = DataConfig(shards=str(tmp_path), resolution=32, channels=1, num_workers=0, shuffle_buffer=8)
+    loader = build_loader(cfg, 10, 0, 1, seed=0)
+    with deadline(60):
+        take(loader, 40)
+    assert loader.counts()["skipped"]["not_a_file"] >= 1
+
+
+def test_shard_open_has_a_timeout_and_kills_the_command(fashion, tmp_path, monkeypatch):
+    from dimscale.data import tario
+    monkeypatch.setattr(tario, "OPEN_TIMEOUT_S", 1.0)
+    shards = copy_shards(fashion, tmp_path)
+    slow = shards[2]
+    cfg = DataConfig(shards=str(tmp_path), resolution=32, channels=1, num_workers=0, shuffle_buffer=8,
+                     shard_url=f"pipe:case {{shard}} in {slow}) sleep 37.25;; esac; cat {tmp_path}/{{shard}}")
+    loader = build_loader(cfg, 10, 0, 1, seed=0)
+    with deadline(60):
+        batches = take(loader, 40)
+    assert loader.counts()["skipped"]["shard_timeout"] >= 1
+    keys = {int(k) for b in batches for k in b["key"]}
+    assert not keys & set(range(100, 150)) and keys & set(range(150, 200))  # shard 2 held samples 100..149
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", "sleep 37.25"], capture_output=True, text=True).stdout.split()
+    assert not left, f"the timed-out pipe command is still running: {left}"
+
+
+@pytest.mark.parametrize("bad", ["x.tar; touch MARKER #", "../../etc/passwd", "/dev/zero", "$(touch MARKER)"])
+def test_manifest_shard_names_are_refused_not_run(fashion, tmp_path, monkeypatch, bad):
+    from dimscale.metrics.sources import open_source
+    monkeypatch.chdir(tmp_path)  # a relative MARKER lands here
+    data = tmp_path / "shards"
+    data.mkdir()
+    copy_shards(fashion, data, lambda m: m["buckets"]["32x32"]["shards"].__setitem__(0, {"url": bad, "count": 50}))
+    cfg = DataConfig(shards=str(data), resolution=32, channels=1, num_workers=0,
+                     shard_url=f"pipe:cat {data}/{{shard}}")
+    with deadline(60), pytest.raises(ValueError, match="refused") as e:
+        take(build_loader(cfg, 10, 0, 1, seed=0), 40)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="refused"):  # the FID shard source reads manifests the same way
+        open_source(str(data))
+    assert not (tmp_path / "MARKER").exists()

@@ -25,17 +25,14 @@ import io
 import itertools
 import json
 import logging
-import os
 from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
-
 from dimscale.data.buckets import BucketSchedule, parse_bucket_name, scaled_size, size_multiple
 from dimscale.data.images import decode_image, write_planes
+from dimscale.data.tario import bucket_member_limit, read_manifest, shard_samples, shard_urls  # noqa: F401
 
 log = logging.getLogger("dimscale.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
@@ -44,27 +41,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 # ------------------------------------------------------------------------------------------------
 # Manifest and bucket plan
 # ------------------------------------------------------------------------------------------------
-
-def read_manifest(path: str) -> tuple:
-    """manifest.json (or a folder holding one) -> (manifest dict, folder the shard urls are relative to)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.shards: no manifest at '{path}'; write shards with tools/make_shards.py "
-                                f"and point data.shards at its output folder or manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "dimscale-shards":
-        raise ValueError(f"'{path}' is not a tools/make_shards.py manifest (format={manifest.get('format')!r})")
-    return manifest, os.path.dirname(os.path.abspath(path))
-
-
-def shard_urls(entry: dict, base: str, url_template: str) -> list:
-    """Local paths next to the manifest, or data.shard_url with {shard} filled in (e.g. 'pipe:curl -s URL/{shard}')."""
-    if url_template:
-        return [url_template.format(shard=s["url"]) for s in entry["shards"]]
-    return [os.path.join(base, s["url"]) for s in entry["shards"]]
-
 
 def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, lanes: int) -> tuple:
     """-> (names, probs, micro_batches, report lines) of the usable buckets; empty / under-filled ones are excluded."""
@@ -103,46 +79,6 @@ def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, la
     return names, probs, mbs, report
 
 
-def tar_samples(stream):
-    """Samples {"__key__", ext: bytes} of a ustar stream as make_shards writes it; raises on a cut or garbled shard.
-
-    A lean reader instead of tarfile + webdataset.group_by_keys: Python's tarfile costs ~10% of the decode time
-    per sample (three members each) on this path. Files are grouped by webdataset's base_plus_ext rule.
-    """
-    sample = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512:
-            raise EOFError("shard ends without the tar end marker (cut short?)")
-        if header.count(0) == 512:
-            break
-        checksum = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
-        if int(header[148:156].strip(b"\0 ") or b"-1", 8) != checksum:
-            raise ValueError("bad tar header checksum (not a tar, or garbled)")
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        data = stream.read(size)
-        if len(data) < size:
-            raise EOFError("shard ends inside a member (cut short?)")
-        stream.read(-size % 512)
-        if header[156:157] not in (b"0", b"\0"):
-            if header[156:157] in (b"x", b"g", b"L", b"K"):
-                raise ValueError("pax/GNU long-name tar headers are not supported; write shards with tools/make_shards.py")
-            continue
-        prefix = header[345:500].rstrip(b"\0").decode()
-        name = (prefix + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()
-        key, ext = base_plus_ext(name)
-        if key is None:
-            continue
-        if sample is not None and sample["__key__"] != key:
-            yield sample
-            sample = None
-        if sample is None:
-            sample = {"__key__": key}
-        sample[ext.lower()] = data
-    if sample is not None:
-        yield sample
-
-
 # ------------------------------------------------------------------------------------------------
 # One bucket's endless sample stream for one (rank, lane) slot
 # ------------------------------------------------------------------------------------------------
@@ -151,9 +87,9 @@ class ShardStream:
     """Raw samples of G[slot::n_slots]; state = [k, taken] (k-th shard of this stream, samples taken from it)."""
 
     def __init__(self, urls: list, slot: int, n_slots: int, seed: int, bucket_id: int, window: int,
-                 state: list, skipped: Counter):
+                 state: list, skipped: Counter, max_member: int):
         self.urls, self.slot, self.n_slots, self.seed, self.bucket_id = urls, slot, n_slots, seed, bucket_id
-        self.window, self.state, self.skipped = max(1, window), state, skipped
+        self.window, self.state, self.skipped, self.max_member = max(1, window), state, skipped, max_member
         self._it = None
 
     def shard_of(self, k: int) -> int:
@@ -175,8 +111,8 @@ class ShardStream:
                     ok = True
                     self.state[1] += 1
                     yield sample
-            except Exception as e:  # a truncated or corrupt shard is skipped and counted, never fatal
-                self.skipped["corrupt_shard"] += 1
+            except Exception as e:  # a truncated, corrupt, unopenable or hung shard is skipped and counted
+                self.skipped[getattr(e, "reason", "corrupt_shard")] += 1
                 log.warning("skipping the rest of shard %s: %s", url, str(e).split("\n")[0][:200])
             failed_in_a_row = 0 if ok or taken else failed_in_a_row + 1
             if failed_in_a_row > 2 * len(self.urls):
@@ -187,8 +123,7 @@ class ShardStream:
     def _windows(self, url: str, k: int, taken: int):
         """Samples of shard k in window-permuted order, skipping the first `taken` (read, not decoded)."""
         g = self.slot + k * self.n_slots
-        stream = gopen(url)
-        raw = tar_samples(stream)
+        raw = shard_samples(url, self.max_member, self.skipped)
         try:
             for w in itertools.count():
                 chunk = list(itertools.islice(raw, self.window))
@@ -201,7 +136,7 @@ class ShardStream:
                 for i in order[max(0, taken - start):]:
                     yield chunk[i]
         finally:
-            stream.close()
+            raw.close()
 
     def next(self) -> dict:
         if self._it is None:
@@ -233,7 +168,7 @@ class LaneBatches(torch.utils.data.IterableDataset):
         slot = sp["rank"] * sp["lanes"] + lane
         streams = {name: ShardStream(sp["urls"][name], slot, sp["world_size"] * sp["lanes"], sp["seed"],
                                      sp["bucket_ids"][name], sp["window"], state["streams"].setdefault(name, [0, 0]),
-                                     skipped)
+                                     skipped, sp["max_member"][name])
                    for name in sp["names"]}
         while True:
             name, mb = schedule.bucket(step)
@@ -316,6 +251,7 @@ class ShardLoader:
             "world_size": world_size, "lanes": lanes, "window": data_cfg.shuffle_buffer,
             "bucket_ids": {n: i for i, n in enumerate(manifest["buckets"])},
             "urls": {n: shard_urls(manifest["buckets"][n], base, data_cfg.shard_url) for n in names},
+            "max_member": {n: bucket_member_limit(manifest, n) for n in names},
             "sizes": {n: scaled_size(*parse_bucket_name(n), shard_res, data_cfg.resolution, multiple) for n in names},
             "channels": data_cfg.channels, "latent": latent, "random_flip": data_cfg.random_flip,
         }

@@ -13,13 +13,18 @@ sums, up to summation order) are the same on 1 or 64 ranks.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import zipfile
+from collections import Counter
 
 import numpy as np
 import torch
 
+from dimscale.data import tario
 from dimscale.data.images import decode_image, read_idx as read_idx_file
+
+log = logging.getLogger("dimscale.metrics")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -128,43 +133,56 @@ class IdxSource:
         return list(x), torch.from_numpy(self.labels[start:stop].astype(np.int64))
 
 
-def shard_urls(spec: str) -> tuple[list[str], int | None]:
-    """Tar paths of a shard spec (make_shards manifest.json or its folder, a folder of .tar, a glob), image count."""
+def shard_urls(spec: str) -> tuple[list[str], list[int], int | None]:
+    """Tar paths of a shard spec (make_shards manifest.json or its folder, a folder of .tar, a glob), their member
+    size bounds, and the image count."""
     manifest = spec if spec.endswith(".json") else os.path.join(spec, "manifest.json")
     if os.path.isfile(manifest):
-        from dimscale.data.loader import read_manifest
-        from dimscale.data.loader import shard_urls as bucket_urls
-        m, base = read_manifest(manifest)
-        urls = [u for entry in m["buckets"].values() for u in bucket_urls(entry, base, "")]
-        return urls, m.get("total")
+        m, base = tario.read_manifest(manifest)
+        urls, limits = [], []
+        for name, entry in m["buckets"].items():
+            found = tario.shard_urls(entry, base, "")
+            urls += found
+            limits += [tario.bucket_member_limit(m, name)] * len(found)
+        return urls, limits, m.get("total")
     urls = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True)) if os.path.isdir(spec) \
         else sorted(glob.glob(spec))
     if not urls:
         raise ValueError(f"no WebDataset shards at {spec} (expected manifest.json, a folder of .tar or a glob)")
-    return urls, None
+    return urls, [tario.member_limit(tario.DEFAULT_MAX_PIXELS, 1)] * len(urls), None
 
 
 class ShardSource:
-    """WebDataset shards read in order; every rank walks the tar stream but decodes only its own batches."""
+    """Shards read in order; every rank walks the tar stream but decodes only its own batches.
+
+    A shard that fails to open (in time) or is cut short is skipped and counted in `skipped`, like the loader.
+    """
 
     sequential = True
 
     def __init__(self, spec: str):
-        self.urls, self.count = shard_urls(spec)
+        self.urls, self.limits, self.count = shard_urls(spec)
+        self.skipped = Counter()
 
     def __len__(self):
         if self.count is None:
             raise TypeError("the image count of these shards is unknown (no manifest.json)")
         return self.count
 
+    def samples(self):
+        """Every sample of every shard, in order; unreadable shards are skipped and counted."""
+        for url, limit in zip(self.urls, self.limits):
+            try:
+                yield from tario.shard_samples(url, limit, self.skipped)
+            except Exception as e:
+                self.skipped[getattr(e, "reason", "corrupt_shard")] += 1
+                log.warning("skipping the rest of shard %s: %s", url, str(e).split("\n")[0][:200])
+
     def batches(self, batch: int, rank: int, world: int, limit: int | None = None):
         """Yield (start, images, labels) for this rank's global batches, in order."""
-        import webdataset as wds
         # No node/worker splitting: the split is by global batch below, so all ranks see the same order.
-        ds = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=lambda u: u,
-                            workersplitter=lambda u: u, empty_check=False)
         imgs, labels, start = [], [], 0
-        for i, sample in enumerate(ds):
+        for i, sample in enumerate(self.samples()):
             if limit is not None and i >= limit:
                 break
             if (i // batch) % world == rank:
