@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +210,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     from dimscale.ops import SCAN_BACKENDS
 
     m, t, d, dif = cfg.model, cfg.train, cfg.data, cfg.diffusion
+    for key in ("name", "out_dir"):
+        if any(ord(c) < 32 or ord(c) == 127 for c in getattr(cfg, key)):  # a newline would split #SBATCH lines
+            raise ConfigError(f"{key} = {getattr(cfg, key)!r} holds a control character (newline, tab, ...); "
+                              f"use a plain name")
     if m.name not in MODEL_ZOO:
         raise ConfigError(f"model.name '{m.name}' is not in the zoo; choose one of: {', '.join(MODEL_ZOO)}")
     choices = {
@@ -244,9 +249,32 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
         raise ConfigError(f"diffusion.min_snr_gamma = {dif.min_snr_gamma} must be >= 0 (0 turns Min-SNR weighting off)")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay = {t.ema_decay} must be in (0, 1)")
-    for key in ("total_images", "global_batch", "micro_batch"):
+    for key in ("total_images", "global_batch", "micro_batch", "log_every_steps", "sample_count"):
         if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive")
+            raise ConfigError(f"train.{key} = {getattr(t, key)} must be positive"
+                              + (" (train.sample_every_images=0 turns grids off)" if key == "sample_count" else ""))
+    if not t.lr > 0 or not math.isfinite(t.lr):
+        raise ConfigError(f"train.lr = {t.lr} must be a positive number (e.g. 1e-4)")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                    for b in t.betas):
+        raise ConfigError(f"train.betas = {list(t.betas)} must be two numbers in [0, 1), e.g. [0.99, 0.99]")
+    for key in ("eps", "weight_decay", "grad_clip", "warmup_images", "ckpt_every_images", "snapshot_every_images",
+                "sample_every_images"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} = {getattr(t, key)} must be >= 0")
+    if d.resolution <= 0:
+        raise ConfigError(f"data.resolution = {d.resolution} must be a positive image side in pixels")
+    if d.channels not in (1, 3):
+        raise ConfigError(f"data.channels = {d.channels}; use 3 (RGB) or 1 (grey)")
+    for name, conf in d.buckets.items():
+        where = f"data.buckets['{name}']"
+        if not isinstance(conf, dict) or set(conf) - {"prob", "micro_batch"}:
+            raise ConfigError(f"{where} = {conf!r} must be an object with keys prob and/or micro_batch")
+        mb, prob = conf.get("micro_batch", 1), conf.get("prob", 1)
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb <= 0:
+            raise ConfigError(f"{where}.micro_batch = {mb!r} must be a positive integer")
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not prob >= 0:
+            raise ConfigError(f"{where}.prob = {prob!r} must be a number >= 0")
     if world_size is not None and t.global_batch % (t.micro_batch * world_size) != 0:
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch x world size = "
@@ -264,7 +292,71 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     expected_c = 4 if d.latent != "none" else None
     if expected_c is not None and m.in_channels != expected_c:
         raise ConfigError(f"model.in_channels = {m.in_channels} but SD-VAE latents have 4 channels")
+    if d.latent == "none" and m.in_channels != d.channels:
+        raise ConfigError(f"model.in_channels = {m.in_channels} but the loader gives data.channels = {d.channels} "
+                          f"channel images; make them agree")
+    if m.num_classes <= 0:
+        raise ConfigError(f"model.num_classes = {m.num_classes} must be positive")
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks that need the filesystem: the shards' manifest, the VAE, the init snapshot
+# ------------------------------------------------------------------------------------------------
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before any process group starts if shards or the init snapshot are missing or do not fit the config."""
+    from dimscale.data import tario
+    from dimscale.snapshot import META, WEIGHTS
+    d, m = cfg.data, cfg.model
+    shards = d.shards
+    manifest_path = os.path.join(shards, "manifest.json") if os.path.isdir(shards) else shards
+    if "://" not in shards and not shards.startswith("pipe:"):
+        if not os.path.isfile(manifest_path):
+            raise ConfigError(f"data.shards = '{shards}': no shards found (no manifest.json there); "
+                              f"write them with tools/make_shards.py and point data.shards at the output folder")
+        try:
+            manifest, base = tario.read_manifest(manifest_path)
+            for entry in manifest["buckets"].values():
+                tario.shard_urls(entry, base, d.shard_url)  # names are data: refused here, never opened
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"data.shards: {e}") from None
+        check_against_manifest(cfg, manifest)
+    # latent runs need the VAE to encode (online) or to decode sample grids: fail now, not at the first grid
+    if d.latent != "none" and (d.latent == "online" or cfg.train.sample_every_images > 0) \
+            and not os.path.isfile(os.path.join(d.vae_path, "config.json")):
+        why = "encodes images with it" if d.latent == "online" else "decodes sample grids with it"
+        raise ConfigError(f"data.vae_path = '{d.vae_path}' is not a diffusers AutoencoderKL folder (no config.json); "
+                          f"data.latent = '{d.latent}' {why}: point it at the VAE the shards were written with"
+                          + ("" if d.latent == "online" else ", or set train.sample_every_images=0"))
+    snap = cfg.init.snapshot
+    missing = [f for f in (WEIGHTS, META) if snap and not os.path.isfile(os.path.join(snap, f))]
+    if missing:
+        raise ConfigError(f"init.snapshot = '{snap}' is not an EMA snapshot folder (no {' or '.join(missing)}); "
+                          f"pass the pretraining run's snapshots/latest, or '' to start from scratch")
+
+
+def check_against_manifest(cfg: RunConfig, manifest: dict) -> None:
+    """The data section against what the shards hold: resolution, latents, bucket names, class ids."""
+    d, m = cfg.data, cfg.model
+    shard_res = manifest.get("resolution", 0)
+    if d.resolution > shard_res or (d.latent == "moments" and d.resolution != shard_res):
+        raise ConfigError(f"data.resolution = {d.resolution} but the shards were written at {shard_res}; the loader "
+                          f"only downsizes pixels (moments need equal sizes): write shards at --resolution "
+                          f"{d.resolution} or lower data.resolution")
+    if d.latent == "moments" and not manifest.get("latent"):
+        raise ConfigError(f"data.latent = 'moments' but {d.shards} holds no VAE moments; rerun "
+                          f"tools/make_shards.py with --vae PATH, or set data.latent='none'")
+    buckets = manifest.get("buckets", {})
+    unknown = sorted(set(d.buckets) - set(buckets))
+    if unknown:
+        raise ConfigError(f"data.buckets names {unknown} that the shards do not have; available: "
+                          f"{', '.join(b for b, e in buckets.items() if e.get('count'))}")
+    labels = [int(k) for k in manifest.get("class_counts", {})]
+    needed = max(manifest.get("num_classes", 0), max(labels, default=-1) + 1)
+    if m.num_classes < needed:
+        raise ConfigError(f"model.num_classes = {m.num_classes} but the shards hold class ids up to {needed - 1}; "
+                          f"set model.num_classes={needed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,36 +367,22 @@ def load_config(path: str, overrides: Optional[list] = None, world_size: Optiona
     """Read a JSON config, apply `key=value` overrides, type-check and validate."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found; pass a JSON file from configs/ (e.g. configs/dim_t_cpu.json)")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' holds a JSON {type(data).__name__}; a config is a JSON object "
+                          f"{{\"model\": ..., \"train\": ...}}")
     data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     for o in overrides or []:
         apply_override(data, o)
     cfg = from_dict(RunConfig, data)
     return validate(cfg, world_size)
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Fail before any process group starts if shards or the init snapshot are missing."""
-    shards = cfg.data.shards
-    manifest = os.path.join(shards, "manifest.json") if os.path.isdir(shards) else shards
-    if "://" not in shards and not shards.startswith("pipe:") and not os.path.isfile(manifest):
-        raise ConfigError(f"data.shards = '{shards}': no shards found (no manifest.json there); "
-                          f"write them with tools/make_shards.py and point data.shards at the output folder")
-    d = cfg.data
-    # latent runs need the VAE to encode (online) or to decode sample grids: fail now, not at the first grid
-    if d.latent != "none" and (d.latent == "online" or cfg.train.sample_every_images > 0) \
-            and not os.path.isfile(os.path.join(d.vae_path, "config.json")):
-        why = "encodes images with it" if d.latent == "online" else "decodes sample grids with it"
-        raise ConfigError(f"data.vae_path = '{d.vae_path}' is not a diffusers AutoencoderKL folder (no config.json); "
-                          f"data.latent = '{d.latent}' {why}: point it at the VAE the shards were written with"
-                          + ("" if d.latent == "online" else ", or set train.sample_every_images=0"))
-    if cfg.init.snapshot and not os.path.isfile(os.path.join(cfg.init.snapshot, "ema.safetensors")):
-        raise ConfigError(f"init.snapshot = '{cfg.init.snapshot}' is not an EMA snapshot folder (no ema.safetensors); "
-                          f"pass the pretraining run's snapshots/latest, or '' to start from scratch")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

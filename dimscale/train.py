@@ -410,7 +410,12 @@ def main(argv: list[str] | None = None, on_preempt=None) -> int:
         cfg = load_config(args.config, args.set, world_size)
         check_paths(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        # every rank finds the same problem: rank 0 says it; the others leave a moment later, so that a launcher
+        # (torchrun) sees rank 0 end first and does not kill it before the line is out
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)
         return 2
     if distributed.started_by_agent():
         distributed.die_with_parent()   # a SIGKILLed torchrun / deepspeed agent takes its ranks with it

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -256,6 +257,11 @@ def parse_args(argv):
     if not args.local and args.signal_delay_s >= args.time * 60:
         p.error(f"--signal-delay-s {args.signal_delay_s} is not below the time limit (--time {args.time} min): "
                 f"the job would be signalled at start; lower it or raise --time")
+    for key in ("job_name", "output", "partition", "account", "qos", "constraint", "sbatch", "config"):
+        for value in getattr(args, key) if key == "sbatch" else [getattr(args, key)]:
+            if value is not None and re.search(r"[\x00-\x1f\x7f]", value):
+                p.error(f"--{key.replace('_', '-')} {value!r} holds a control character (it would split the "
+                        f"#SBATCH lines); remove it")
     for kv in args.sbatch:
         if "=" not in kv and not re.fullmatch(r"[\w-]+", kv):
             p.error(f"--sbatch '{kv}' is not KEY=VALUE or a flag name (e.g. --sbatch exclusive)")
@@ -271,11 +277,35 @@ def sbatch_extra(args) -> dict:
     return extra
 
 
+def slurm_installed() -> bool:
+    return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+class _SbatchWriter(submitit.SlurmExecutor):
+    """submitit's SLURM executor where SLURM is not installed: it writes the sbatch script (--dry-run), never submits
+    (submitit's own refuses to start without srun)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+class _DryRun:
+    """What submission_text() needs of an AutoExecutor: its inner SLURM executor, parameters translated alike."""
+
+    def __init__(self, folder: str, params: dict, max_requeues: int):
+        self._executor = _SbatchWriter(folder, max_num_timeout=max_requeues)
+        generic = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        specific = {k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")}
+        self._executor.update_parameters(**self._executor._convert_parameters(generic), **specific)
+
+
 def make_executor(args, stage: Stage, dependency: str = ""):
     """A submitit executor with this stage's SLURM (or local) parameters."""
     folder = args.output or os.path.join(stage.run_dir, "slurm", "%j")
-    ex = submitit.AutoExecutor(folder=folder, cluster="local" if args.local else None,
-                               slurm_max_num_timeout=args.max_requeues)
+    dry_run_here = args.dry_run and not args.local and not slurm_installed()
+    ex = None if dry_run_here else submitit.AutoExecutor(folder=folder, cluster="local" if args.local else "slurm",
+                                                         slurm_max_num_timeout=args.max_requeues)
     params = dict(name=f"{args.job_name}-{stage.name}", nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                   timeout_min=args.time)
     if args.gpus_per_node:
@@ -291,6 +321,8 @@ def make_executor(args, stage: Stage, dependency: str = ""):
                 params[f"slurm_{key}"] = getattr(args, key)
         if dependency:
             params["slurm_dependency"] = dependency
+    if dry_run_here:  # the same sbatch script as on a cluster, printed anywhere
+        return _DryRun(folder, params, args.max_requeues)
     ex.update_parameters(**params)
     return ex
 
@@ -338,7 +370,11 @@ def submit(args) -> int:
         if not os.path.isfile(os.path.join(snap, "snapshot.json")) and not args.dry_run:
             raise ConfigError(f"--stage {args.stage} starts from {snap}, which does not exist yet; "
                               f"run stage '{stages[0].after}' first (or drop --stage)")
-    task_trainer, prev_job, jobs = trainer_spec(), None, []
+    if not args.dry_run and not args.local and not slurm_installed():
+        raise ConfigError("SLURM is not installed here (no sbatch/srun on PATH): nothing submitted; add --local to "
+                          "run the chain on this machine through submitit's local executor, or --dry-run to print "
+                          "the sbatch scripts")
+    task_trainer, prev_job, jobs, queued = trainer_spec(), None, [], []
     for stage in stages:
         progress = stage_progress(stage)
         if progress["done"]:
@@ -350,6 +386,7 @@ def submit(args) -> int:
             state = queued_state(running["job_id"]) if running else ""
             if state:
                 print(f"[{stage.name}] job {running['job_id']} is already {state}: not submitted again")
+                queued.append(f"{stage.name} (job {running['job_id']} {state})")
                 prev_job = running["job_id"]
                 continue
         dependency = ""
@@ -385,7 +422,8 @@ def submit(args) -> int:
                 print(f"[{stage.name}] failed, later stages not run: {e}\n    log: {job.paths.stdout}", file=sys.stderr)
                 return 1
     if not jobs and not args.dry_run:
-        print("nothing to submit: every stage has finished")
+        print(f"nothing new submitted: already in the queue: {', '.join(queued)}; see `python launchers/slurm.py "
+              f"status {args.config}`" if queued else "nothing to submit: every stage has finished")
     return 0
 
 

@@ -118,3 +118,25 @@ def test_tool_fid_equals_bare_computation(weights, tmp_path):
     assert rec["metrics"]["inception_score"] == pytest.approx(is_bare, rel=1e-6)
     assert rec["resize"] == "tf1" and rec["num_samples"] == 3 and rec["world_size"] == 1
     assert rec["detector_sha256"] == model.weights_sha256 and rec["metric_name"] == "FID"
+
+
+def test_grey_images_are_scored_as_their_rgb_copies(weights, tmp_path):
+    """Sources hand out grey (B, 1, H, W) from grey npz files, idx: and grey models: Pillow's L -> RGB of each."""
+    grey = real_photos(3, side=40, seed=5).float().mean(1, keepdim=True).round().to(torch.uint8)  # (3, 1, 40, 40)
+    rgb = torch.from_numpy(np.stack([np.asarray(Image.fromarray(g[0].numpy(), "L").convert("RGB"))
+                                     for g in grey])).permute(0, 3, 1, 2)
+    model = load_inception(weights)
+    with torch.no_grad():
+        assert torch.equal(model(grey)[0], model(rgb)[0])
+    ref = real_photos(3, side=40, seed=6)
+    np.savez(tmp_path / "grey.npz", arr_0=grey.permute(0, 2, 3, 1).numpy())                 # (N, H, W, 1)
+    np.savez(tmp_path / "r.npz", arr_0=ref.permute(0, 2, 3, 1).numpy())
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fid.py"), "eval", "--samples",
+                          str(tmp_path / "grey.npz"), "--ref", str(tmp_path / "r.npz"), "--inception", weights,
+                          "--batch-size", "4", "--no-progress", "--offline"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        fs, fr = model(rgb)[0].double().numpy(), model(ref)[0].double().numpy()
+    bare = frechet_distance(fs.mean(0), np.cov(fs, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
+    assert json.loads(out.stdout.strip().splitlines()[-1])["metrics"]["fid"] == pytest.approx(bare, rel=1e-6)

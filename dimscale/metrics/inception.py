@@ -201,9 +201,11 @@ class InceptionV3(nn.Module):
         self.weights_sha256 = None
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> the network's input (B, 3, 299, 299) in [-1, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Inception needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+        """uint8 (B, 3, H, W), or grey (B, 1, H, W), -> the network's input (B, 3, 299, 299) in [-1, 1]."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"Inception needs RGB or grey images (B, 3|1, H, W), got {tuple(images.shape)}")
+        if images.shape[1] == 1:  # grey -> RGB by repeating the channel, exactly Pillow's convert("RGB") of an "L"
+            images = images.expand(-1, 3, -1, -1)
         x = images.to(self.fc.weight.device, torch.float32)
         if self.resize == "tf1":
             return (resize_tf1(x, 299) - 128) / 128                      # TF graph: Sub 128, Mul 1/128
