@@ -96,9 +96,10 @@ def test_finetune_initialises_from_a_snapshot_at_another_resolution(one_process,
     meta = json.loads((snap / "snapshot.json").read_text())
     assert meta["data"]["resolution"] == 8 and meta["images_seen"] == 48
 
-    # lr = 0 keeps the online weights where the snapshot put them; bf16 autocast must not round them either
+    # lr = 1e-30 (lr = 0 is a config error) moves no weight by a representable step: the online weights stay
+    # where the snapshot put them; bf16 autocast must not round them either
     # also exercised here: the sample grid (fixed seeds/classes) and wandb offline, which needs no network
-    ft = overrides(shards, tmp_path, "ft", total_images=16, lr=0.0, warmup_images=0, precision="bf16", zero_stage=1,
+    ft = overrides(shards, tmp_path, "ft", total_images=16, lr=1e-30, warmup_images=0, precision="bf16", zero_stage=1,
                    snapshot_every_images=16, micro_batch=8, sample_every_images=16, sample_count=4, wandb="offline")
     assert one_process(["--config", str(CONFIG), *ft, "--set", f"init.snapshot={snap}", "--set", "data.resolution=16",
                         "--set", "model.input_size=16", "--set", "diffusion.sample_steps=2"]) == 0
