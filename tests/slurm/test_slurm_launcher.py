@@ -337,3 +337,18 @@ def test_time_limit_requeues_and_completes(trainer, time_limit_run):
     log = job_log(run_dir, job)
     assert "requeued job" in log and "state was RUNNING" in log, log  # saved on USR2, before the limit
     assert_resumed(run_dir, log, time_limit_run["total"], t["global_batch"], t["ckpt_every_images"])
+
+
+def test_queued_chain_is_said_to_be_queued_not_finished(trainer):
+    out_dir = trainer["root"] / "held"
+    sets = ["--set", f"out_dir={out_dir}"]
+    first = launch(trainer, PRE, "--sbatch", "hold", "--time", "10", *sets).stdout  # held: stays PENDING
+    (job,) = job_ids(first).values()
+    try:
+        again = launch(trainer, PRE, "--time", "10", *sets).stdout
+        assert f"job {job} is already PENDING: not submitted again" in again, again
+        assert "every stage has finished" not in again and "already in the queue: slurm_pre" in again, again
+        status = launch(trainer, "status", PRE, *sets).stdout
+        assert f"job {job} PENDING" in status and "finished" not in status, status
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
