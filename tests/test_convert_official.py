@@ -278,13 +278,14 @@ def test_converted_snapshot_samples_and_finetunes(tmp_path, capsys):
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (2, 32, 32, 3) and len({a.tobytes() for a in arr}) == 2   # 16x16 latents, tiny VAE x2
 
-    # fine-tune at 2x the grid with rho_pad (as the 512 release at 1024^2): lr 0 keeps the converted weights
+    # fine-tune at 2x the grid with rho_pad (as the 512 release at 1024^2): lr 1e-30 (lr 0 is a config error)
+    # moves no weight by a representable step, so the converted weights stay
     meta = json.loads((snap / "snapshot.json").read_text())
     sets = {"data.shards": fmnist_shards(), "out_dir": str(tmp_path), "name": "ft", "data.resolution": 16,
             "data.latent": "online", "data.vae_path": str(tmp_path / "vae"), "data.channels": 3,
             "model.in_channels": 4, "model.input_size": 32, "model.num_classes": 10, "model.width": 32,
             "model.depth": 9, "model.pad_mode": "rho_pad", "init.snapshot": str(snap), "data.num_workers": 0,
-            "train.total_images": 16, "train.global_batch": 8, "train.micro_batch": 8, "train.lr": 0.0,
+            "train.total_images": 16, "train.global_batch": 8, "train.micro_batch": 8, "train.lr": 1e-30,
             "train.warmup_images": 0, "train.snapshot_every_images": 16, "train.ckpt_every_images": 0,
             "train.sample_every_images": 0, "train.precision": "fp32"}
     cmd = [sys.executable, "dimscale/train.py", "--config", str(CONFIG)]

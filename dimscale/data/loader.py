@@ -30,6 +30,7 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image
+
 from dimscale.data.buckets import BucketSchedule, parse_bucket_name, scaled_size, size_multiple
 from dimscale.data.images import decode_image, write_planes
 from dimscale.data.tario import bucket_member_limit, read_manifest, shard_samples, shard_urls  # noqa: F401
