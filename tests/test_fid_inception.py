@@ -96,8 +96,8 @@ def test_loads_weights_and_gives_2048_features(weights, tmp_path, monkeypatch):
         assert not torch.allclose(load_inception(weights, resize="pytorch-fid")(imgs)[0], pool, atol=1e-4)
 
 
-def test_tool_fid_equals_bare_computation(weights, tmp_path):
-    samples, ref = real_photos(3, side=40, seed=3), real_photos(3, side=40, seed=4)
+def run_fid_on_npz(samples: torch.Tensor, ref: torch.Tensor, weights: str, tmp_path) -> dict:
+    """tools/fid.py eval of uint8 (N, C, H, W) samples against a reference, both as .npz; its JSON record."""
     np.savez(tmp_path / "s.npz", arr_0=samples.permute(0, 2, 3, 1).numpy())
     np.savez(tmp_path / "r.npz", arr_0=ref.permute(0, 2, 3, 1).numpy())
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fid.py"), "eval", "--samples",
@@ -105,7 +105,12 @@ def test_tool_fid_equals_bare_computation(weights, tmp_path):
                           "--batch-size", "4", "--no-progress", "--offline"],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert out.returncode == 0, out.stderr[-2000:]
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tool_fid_equals_bare_computation(weights, tmp_path):
+    samples, ref = real_photos(3, side=40, seed=3), real_photos(3, side=40, seed=4)
+    rec = run_fid_on_npz(samples, ref, weights, tmp_path)
     model = load_inception(weights)
     with torch.no_grad():
         fs, ls = model(samples)
@@ -129,14 +134,8 @@ def test_grey_images_are_scored_as_their_rgb_copies(weights, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(grey)[0], model(rgb)[0])
     ref = real_photos(3, side=40, seed=6)
-    np.savez(tmp_path / "grey.npz", arr_0=grey.permute(0, 2, 3, 1).numpy())                 # (N, H, W, 1)
-    np.savez(tmp_path / "r.npz", arr_0=ref.permute(0, 2, 3, 1).numpy())
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fid.py"), "eval", "--samples",
-                          str(tmp_path / "grey.npz"), "--ref", str(tmp_path / "r.npz"), "--inception", weights,
-                          "--batch-size", "4", "--no-progress", "--offline"],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert out.returncode == 0, out.stderr[-2000:]
+    rec = run_fid_on_npz(grey, ref, weights, tmp_path)                                     # grey npz: (N, H, W, 1)
     with torch.no_grad():
         fs, fr = model(rgb)[0].double().numpy(), model(ref)[0].double().numpy()
     bare = frechet_distance(fs.mean(0), np.cov(fs, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
-    assert json.loads(out.stdout.strip().splitlines()[-1])["metrics"]["fid"] == pytest.approx(bare, rel=1e-6)
+    assert rec["metrics"]["fid"] == pytest.approx(bare, rel=1e-6)
