@@ -113,9 +113,59 @@ def test_exact_resume_with_two_workers(photos):
     whole = build_loader(cfg, 3, 0, 1, seed=7)
     take(whole, 13)
     assert resumed.counts()["bucket"] == whole.counts()["bucket"] and resumed.counts()["class"] == whole.counts()["class"]
-    other = build_loader(DataConfig(shards=str(photos), resolution=64, num_workers=1), 3, 0, 1, seed=7)
-    with pytest.raises(ValueError, match="data.num_workers"):
-        other.load_state_dict(state)
+    assert "world_size" not in state and "lanes" not in state  # a global position only
+    with pytest.raises(ValueError, match="train.seed"):
+        build_loader(cfg, 3, 0, 1, seed=8).load_state_dict(state)
+
+
+def global_steps(shards, world, acc, workers, steps, states=None, micro_batch=1, seed=5):
+    """{global step: [(key, place, bucket, x)]} over all ranks of a world (in one process), and the loaders."""
+    cfg = DataConfig(shards=str(shards), resolution=64, num_workers=workers, shuffle_buffer=3)
+    loaders = [build_loader(cfg, micro_batch, r, world, seed, accumulation=acc) for r in range(world)]
+    out = {}
+    for lo in loaders:
+        if states is not None:
+            lo.load_state_dict(states)
+        first = lo.step
+        for b in take(lo, steps * acc):
+            assert first <= b["step"] < first + steps
+            out.setdefault(b["step"], []).extend(zip(b["key"], b["index"].tolist(), [b["bucket"]] * len(b["key"]), b["x"]))
+    return out, loaders
+
+
+def test_one_two_three_ranks_draw_the_same_images_per_global_step(photos):
+    """Global step s is the same set of keys (same places, same pixels) for 1, 2 or 3 ranks and any num_workers."""
+    one, _ = global_steps(photos, 1, 6, 0, 14)
+    runs = [global_steps(photos, 2, 3, 2, 14)[0], global_steps(photos, 3, 2, 1, 14)[0]]
+    assert len({v[0][2] for v in one.values()}) >= 2  # several buckets take part
+    for run in runs:
+        assert sorted(run) == sorted(one) == list(range(14))
+        for s in one:
+            assert sorted(e[:3] for e in run[s]) == sorted(e[:3] for e in one[s]) and len(run[s]) == 6
+            ref = {e[0]: e[3] for e in one[s]}
+            assert all(torch.equal(ref[k], x) for k, _, _, x in run[s])  # same decode and flip
+    by_bucket = {}
+    for s in sorted(one):
+        by_bucket.setdefault(one[s][0][2], []).extend(e[0] for e in one[s])
+    manifest = json.load(open(photos / "manifest.json"))
+    for name, keys in by_bucket.items():  # within one pass over a bucket no key comes twice
+        n = manifest["buckets"][name]["count"]
+        assert len(set(keys[:n])) == len(keys[:n]), name
+
+
+def test_resume_on_another_world_size_and_num_workers(photos):
+    """2 ranks x 2 workers stop after 5 steps; 3 ranks x 1 worker go on: the uninterrupted key sequence."""
+    whole, _ = global_steps(photos, 1, 6, 0, 12)
+    before, loaders = global_steps(photos, 2, 3, 2, 5)
+    states = json.loads(json.dumps([lo.state_dict() for lo in loaders]))
+    after, resumed = global_steps(photos, 3, 2, 1, 7, states=states)
+    assert sorted(before) == list(range(5)) and sorted(after) == list(range(5, 12))
+    for s, run in (*before.items(), *after.items()):
+        assert sorted(e[:3] for e in run) == sorted(e[:3] for e in whole[s])
+    total = Counter()
+    for lo in resumed:
+        total.update(lo.counts()["bucket"])
+    assert sum(total.values()) == 12 * 6  # images seen carried over: the saved ranks' counts spread, not lost
 
 
 def _rank_keys(shards, rank, queue):
