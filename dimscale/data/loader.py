@@ -152,7 +152,8 @@ def tar_index(f, counter: Counter) -> tuple:
                 continue
             prefix = header[345:500].rstrip(b"\0").decode()
             # webdataset's grouping rule: the key ends at the first dot of the file name
-            folder, slash, name = ((prefix + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()).rpartition("/")
+            path = (prefix + "/" if prefix else "") + header[:100].rstrip(b"\0").decode()
+            folder, slash, name = path.rpartition("/")
             base, dot, ext = name.partition(".")
             if not base or not dot:
                 continue
@@ -416,12 +417,18 @@ class ShardLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        """JSON-able: the global position (step, cursor per bucket) and this rank's counts; no world size in it."""
-        if self.micro % self.spec["accumulation"]:
-            raise RuntimeError(f"loader state taken mid-step (micro-batch {self.micro}); take it at a step boundary")
-        return {"version": STATE_VERSION, "step": self.step, "seed": self.spec["seed"], "cursor": dict(self.cursor),
-                "seen_bucket": dict(self.seen_bucket), "seen_class": {str(k): v for k, v in self.seen_class.items()},
-                "skipped": dict(self.skipped)}
+        """JSON-able: the global position (step, cursor per bucket) and this rank's counts; no world size in it.
+
+        Off a step boundary (the trainer replaced non-finite micro-batches with later ones) it also holds
+        "partial": [micro-batches taken into the step, world size]: exact on the same world size only.
+        """
+        acc = self.spec["accumulation"]
+        sd = {"version": STATE_VERSION, "step": self.step, "seed": self.spec["seed"], "cursor": dict(self.cursor),
+              "seen_bucket": dict(self.seen_bucket), "seen_class": {str(k): v for k, v in self.seen_class.items()},
+              "skipped": dict(self.skipped)}
+        if self.micro % acc:
+            sd["partial"] = [self.micro % acc, self.spec["world_size"]]
+        return sd
 
     def load_state_dict(self, sd) -> None:
         """Continue at the global position of `sd`, one state or the states of all ranks that saved it.
@@ -439,8 +446,17 @@ class ShardLoader:
                              f"{self.spec['seed']}; exact resume needs the same seed")
         if any((st["step"], st["cursor"]) != (first["step"], first["cursor"]) for st in states):
             raise ValueError("the saved loader states of the ranks disagree on the position; the checkpoint is damaged")
-        self.micro, self.cursor = first["step"] * self.spec["accumulation"], dict(first["cursor"])
-        mine = states if not isinstance(sd, list) else states[self.spec["rank"]::self.spec["world_size"]]
+        acc, world = self.spec["accumulation"], self.spec["world_size"]
+        self.micro, self.cursor = first["step"] * acc, dict(first["cursor"])
+        taken, saved_world = first.get("partial", [0, world])
+        if taken and saved_world == world:
+            self.micro += taken
+        elif taken:  # a part-taken step cannot be split anew: start at the next step
+            s, name, mb, p = next(walk_schedule(self.schedule, acc * world, first["step"], self.cursor))
+            self.micro, self.cursor = (s + 1) * acc, {**self.cursor, name: p + mb * acc * world}
+            log.warning("loader: the checkpoint was taken %d micro-batches into step %d on %d ranks; on %d ranks "
+                        "the data resumes at step %d", taken, s, saved_world, world, s + 1)
+        mine = states if not isinstance(sd, list) else states[self.spec["rank"]::world]
         self.seen_bucket, self.seen_class, self.skipped = Counter(), Counter(), Counter()
         for st in mine:
             self.seen_bucket.update(st["seen_bucket"])
