@@ -14,8 +14,8 @@ make up global step s is a function of (seed, s) alone, for any world size and d
   seeded permutation of the bucket's shards for epoch e), each shard's samples permuted in windows of
   `shuffle_buffer`. The manifest's per-shard counts make position -> (shard, sample) plain arithmetic.
 - Step s takes positions [cursor_b, cursor_b + B) of its bucket and moves the cursor on by B: one pass sees every
-  sample once, whatever the world size, and no rank ever runs dry (epochs resample; docs/engineering-notes.md
-  §B.8-B.12: unequal batch counts hang, resumed streams must not restart at batch 0).
+  sample once, whatever the world size, and no rank ever runs dry (epochs resample; unequal batch counts hang
+  and resumed streams must not restart at batch 0: docs/engineering-notes.md §B.8-B.12).
 - Place q of the global batch goes to rank q // (B / world); within a rank, micro-batch j of the step gets the
   j-th slice of micro_batch places. "The same global batch" = the same set of B keys, however it is split into
   micro-batches. Micro-batches start at multiples of micro_batch for every world size, so flips seeded by
