@@ -27,9 +27,9 @@ Its cost: ranks share shards. A rank indexes each shard it touches by its tar he
 seeks past the members of other ranks' samples, so it never reads or decodes them; `bytes_read` counts it
 (tools/bench.py loader reports bytes read per image delivered). Streams that cannot seek (pipe: URLs) are spooled
 to a temporary file first, so each rank that touches such a shard reads all of it.
-- A shard that fails to open or is cut short is counted once (per process) as corrupt_shard; a sample that is
-  missing or does not decode is counted as corrupt_sample. Either way the place is filled by the sample at the
-  same position one epoch later (p + N, p + 2N, ...): a function of the position, so still world-independent.
+- A shard that fails to open or is cut short is counted once (per process) as corrupt_shard; a sample that
+  does not decode is counted as corrupt_sample. Either way the place is filled by a stand-in: a seeded position
+  in a later epoch (BucketSequence.replacement), a function of the position, so still world-independent.
 """
 from __future__ import annotations
 
@@ -161,8 +161,9 @@ def tar_index(f, counter: Counter) -> tuple:
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][ext.lower()] = (data_at, size)
-    except Exception as e:  # noqa: BLE001 - any damage: keep what was indexed (a cut member fails when read)
-        return samples, e
+    except Exception as e:  # noqa: BLE001 - any damage: keep the samples whose members all lie in the file
+        end = f.seek(0, os.SEEK_END)
+        return [smp for smp in samples if all(at + size <= end for at, size in smp[1].values())], e
 
 
 class Shard:
@@ -182,9 +183,7 @@ class Shard:
             self.samples, error = tar_index(stream, counter)
         except Exception as e:  # noqa: BLE001 - a shard that cannot be opened is skipped and counted
             error = e
-        if error is not None:
-            counter["corrupt_shard"] += 1
-            log.warning("skipping the unreadable part of shard %s: %s", url, str(error).split("\n")[0][:200])
+        self.error = error
 
     def sample(self, k: int) -> dict:
         key, members = self.samples[k]
@@ -213,6 +212,7 @@ class BucketSequence:
         self.urls, self.counts, self.seed, self.bucket_id = urls, np.asarray(counts, np.int64), seed, bucket_id
         self.window, self.counter, self.total = max(1, window), counter, int(np.sum(counts))
         self.open: OrderedDict = OrderedDict()
+        self.bad: set = set()  # shards found damaged by this process: counted and logged once
         self.epoch = functools.lru_cache(maxsize=4)(self._epoch)
         self.window_order = functools.lru_cache(maxsize=64)(self._window_order)
 
@@ -239,8 +239,18 @@ class BucketSequence:
             if len(self.open) >= 2:
                 self.open.popitem(last=False)[1].close()
             self.open[i] = Shard(self.urls[i], self.counter)
+            if self.open[i].error is not None and i not in self.bad:
+                self.bad.add(i)
+                self.counter["corrupt_shard"] += 1
+                log.warning("skipping the unreadable part of shard %s: %s", self.urls[i],
+                            str(self.open[i].error).split("\n")[0][:200])
         self.open.move_to_end(i)
         return self.open[i]
+
+    def replacement(self, p: int, i: int) -> int:
+        """The i-th stand-in for position p: a seeded position in epoch i after p's (any shard, any offset)."""
+        offset = np.random.default_rng([self.seed, self.bucket_id, p, i, 0xBAD]).integers(self.total)
+        return (p // self.total + i) * self.total + int(offset)
 
     def raw(self, p: int) -> dict:
         """Raw sample at position p; raises IndexError if the shard does not hold it (cut short or unreadable)."""
@@ -300,16 +310,15 @@ class RankBatches(torch.utils.data.IterableDataset):
                 micro += lanes
 
     def fill(self, seq: BucketSequence, p: int, bucket: str, counter: Counter) -> tuple:
-        """(image, label, key) for position p; a missing or bad sample is replaced by the one an epoch later."""
-        for _ in range(2 * len(seq.urls) + 2):
+        """(image, label, key) for position p; a missing or bad sample is replaced by a stand-in (replacement)."""
+        for i in range(64 + 4 * len(seq.urls)):  # 64 tries find a good sample even if only 15% of them are
             try:
-                sample = seq.raw(p)
+                sample = seq.raw(p if i == 0 else seq.replacement(p, i))
                 return self.decode_sample(sample, bucket), int(sample["cls"]), sample["__key__"]
             except IndexError:  # the shard does not hold it (unreadable or cut short): counted when opened
                 pass
             except Exception:  # noqa: BLE001 - a cut, undecodable or incomplete sample: skipped and counted
                 counter["corrupt_sample"] += 1
-            p += seq.total
         raise RuntimeError(f"no shard of bucket {bucket} could be read ({len(seq.urls)} shards, e.g. "
                            f"{seq.urls[0]}); check the shard paths or data.shard_url")
 
