@@ -129,7 +129,7 @@ def global_steps(shards, world, acc, workers, steps, states=None, micro_batch=1,
         first = lo.step
         for b in take(lo, steps * acc):
             assert first <= b["step"] < first + steps
-            out.setdefault(b["step"], []).extend(zip(b["key"], b["index"].tolist(), [b["bucket"]] * len(b["key"]), b["x"]))
+            out.setdefault(b["step"], []).extend(zip(b["key"], b["index"], [b["bucket"]] * len(b["key"]), b["x"]))
     return out, loaders
 
 

@@ -3,7 +3,7 @@
     loader = build_loader(cfg.data, micro_batch=32, rank=rank, world_size=world, seed=cfg.train.seed,
                           accumulation=acc)
     for batch in loader:            # {"x": (B, C, H, W) in [-1, 1], "y": (B,), "bucket": "256x256", "key": [...],
-        ...                         #  "step": global step, "index": (B,) places in the global batch}
+        ...                         #  "step": global step, "index": [B places in the global batch]}
         ckpt["data"] = loader.state_dict()          # a global position: step + one cursor per bucket
 
 Design: a global cursor per bucket (EDM2's global sample index, per bucket), not virtual slots. Which images
@@ -304,7 +304,7 @@ class RankBatches(torch.utils.data.IterableDataset):
                     ys.append(y)
                     keys.append(key)
                 yield {**self.collate(xs, s, q0), "y": torch.tensor(ys, dtype=torch.long), "bucket": name,
-                       "key": keys, "step": s, "index": torch.arange(q0, q0 + mb), "_micro": micro,
+                       "key": keys, "step": s, "index": list(range(q0, q0 + mb)), "_micro": micro,
                        "_counts": dict(counter)}
                 counter.clear()
                 micro += lanes
