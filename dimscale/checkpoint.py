@@ -6,18 +6,27 @@ run_dir/checkpoints/
         ema.safetensors       fp32 EMA weights (rank 0)
         trainer.json          images seen, steps, counters (rank 0)
         rank00000.pt          per-rank loader state and RNG states (tensors and plain Python values only)
+        universal/            DeepSpeed universal checkpoint, made from the above when another world size resumes
     latest -> img000000012800 a symlink, swapped with os.replace: a reader sees the old or the new one, never half
     tmp-img000000025600/      a write in progress (or killed mid-way); ignored, and removed at the next start
 
 A kill at any moment leaves `latest` pointing at a complete checkpoint
 (tests/test_train_dist.py::test_kill_during_checkpoint_write_keeps_a_loadable_latest). DeepSpeed's own files are
 loaded with weights_only=True (`weights_only_loads`), so a crafted pickle in a checkpoint folder cannot run code.
+
+Another world size (a requeue onto other nodes, another --nodes) resumes through DeepSpeed's own resharding:
+ZeRO-0 keeps the whole optimizer state in mp_rank_00, which any world size loads as it is; ZeRO-1/2/3 shards are
+turned into a universal checkpoint (deepspeed.checkpoint.ds_to_universal: one folder per parameter holding its
+fp32 weights and Adam moments) once, by rank 0, and loaded with DeepSpeed's load_universal path, which slices each
+parameter for the new partitioning. The EMA (one fp32 file) and the loader's global position need no resharding.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import random
@@ -31,6 +40,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+UNIVERSAL = "universal"
 _NAME = re.compile(r"^img(\d{12})$")
 
 
@@ -148,23 +158,63 @@ def _prune(ckpt_dir: str, keep: int, newest: str) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
 
 
+def to_universal(path: str) -> str:
+    """Rank 0: convert the DeepSpeed files of checkpoint `path` into path/universal once (atomic); returns it."""
+    out = os.path.join(path, UNIVERSAL)
+    if os.path.isdir(out):
+        return out
+    from deepspeed.checkpoint import ds_to_universal
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)  # in-process, one worker: no process pool inside a training rank
+    os.replace(tmp, out)
+    return out
+
+
 def load_latest(engine, ckpt_dir: str):
-    """Restore the engine from `latest`; returns (trainer_state, rank_state, ema_state), or None if there is none."""
+    """Restore the engine from `latest` on this or any other world size.
+
+    Returns (trainer_state, rank_state, ema_state) or None if there is none. rank_state["loader"] is the list of
+    every saved rank's loader state (ShardLoader.load_state_dict takes it for any world size); rank_state["rng"]
+    is this rank's, and None when the world size changed (the ranks are not the same ones).
+    """
     path = latest_path(ckpt_dir)
     if path is None:
         return None
     with open(os.path.join(path, "trainer.json")) as f:
         trainer_state = json.load(f)
-    world = dist.get_world_size()
-    if trainer_state["world_size"] != world:
-        raise ValueError(f"checkpoint {path} was written by {trainer_state['world_size']} ranks but this run has "
-                           f"{world}; resume with the same number of ranks (or start a new run name)")
-    with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(path))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    saved_world = trainer_state["world_size"]
+    if saved_world == world or engine.zero_optimization_stage() == 0:
+        # ZeRO-0: module and whole optimizer state are in mp_rank_00, the same for every world size
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(path))
+    else:
+        if rank == 0:
+            try:
+                with weights_only_loads():
+                    to_universal(path)
+            except Exception as e:  # noqa: BLE001 - said once, then every rank stops below
+                print(f"checkpoint {path}: DeepSpeed could not convert it to a universal checkpoint for the new "
+                      f"world size ({saved_world} -> {world}): {e}", flush=True)
+        dist.barrier()
+        if not os.path.isdir(os.path.join(path, UNIVERSAL)):
+            raise RuntimeError(f"checkpoint {path} was written by {saved_world} ranks and could not be resharded "
+                               f"for {world}; resume with {saved_world} ranks")
+        engine._config.load_universal_checkpoint = True  # read per call; the engine was built for a plain load
+        try:
+            with weights_only_loads():
+                load_path, _ = engine.load_checkpoint(path, tag=UNIVERSAL)
+        finally:
+            engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank():05d}.pt"), map_location="cpu",
-                            weights_only=True)
+    states = [torch.load(os.path.join(path, f"rank{r:05d}.pt"), map_location="cpu", weights_only=True)
+              for r in range(saved_world)]
+    rank_state = {"loader": [s["loader"] for s in states], "rng": states[rank]["rng"] if saved_world == world else None}
     return trainer_state, rank_state, load_file(os.path.join(path, "ema.safetensors"))
 
 

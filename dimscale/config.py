@@ -204,6 +204,14 @@ def apply_override(data: dict, assignment: str) -> None:
 # Validation of combinations that types cannot express
 # ------------------------------------------------------------------------------------------------
 
+def world_sizes_that_work(global_batch: int, micro_batch: int) -> str:
+    """'world sizes that work: 1, 2, 3, 6' (those dividing global_batch / micro_batch), for error messages."""
+    if global_batch % micro_batch:
+        return f"no world size works while global_batch is not a multiple of micro_batch {micro_batch}"
+    n = global_batch // micro_batch
+    return "world sizes that work: " + ", ".join(str(w) for w in range(1, n + 1) if n % w == 0)
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     """Raise ConfigError for impossible settings; `world_size` enables the batch divisibility check."""
     from dimscale.models import MIXERS, MODEL_ZOO, PAD_MODES  # late import: config must load without torch work
@@ -278,7 +286,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
     if world_size is not None and t.global_batch % (t.micro_batch * world_size) != 0:
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch x world size = "
-            f"{t.micro_batch} x {world_size}; set global_batch to a multiple of {t.micro_batch * world_size}")
+            f"{t.micro_batch} x {world_size}; {world_sizes_that_work(t.global_batch, t.micro_batch)}, "
+            f"or set global_batch to a multiple of {t.micro_batch * world_size}")
     if d.latent == "online" and not d.vae_path:
         raise ConfigError("data.latent = 'online' needs data.vae_path: a local diffusers AutoencoderKL folder")
     if d.latent == "online" and d.channels != 3:
@@ -308,7 +317,7 @@ def check_paths(cfg: RunConfig) -> None:
     """Fail before any process group starts if shards or the init snapshot are missing or do not fit the config."""
     from dimscale.data import tario
     from dimscale.snapshot import META, WEIGHTS
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     shards = d.shards
     manifest_path = os.path.join(shards, "manifest.json") if os.path.isdir(shards) else shards
     if "://" not in shards and not shards.startswith("pipe:"):

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 
 if __package__ in (None, ""):  # `python dimscale/train.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +34,7 @@ from dimscale import checkpoint, distributed
 from dimscale.config import ConfigError, RunConfig, check_paths, load_config, save_config
 from dimscale.data import build_loader
 from dimscale.diffusion import Schedule, drop_labels, training_loss
+from dimscale.diffusion.schedule import image_generators
 from dimscale.diffusion.vae import ModelInputs
 from dimscale.ema import EMA
 from dimscale.engine import build_engine, local_grad_norm
@@ -78,6 +80,7 @@ class StepResult:
     loss: float                      # this rank's mean micro-batch loss
     images: int                      # this rank's images
     grad_norm: float | None          # None: ask the engine (ZeRO reports it)
+    keys_crc: int = 0                # sum of crc32 of this rank's image keys: which images trained
 
 
 class NonFiniteLosses(RuntimeError):
@@ -120,8 +123,7 @@ class Run:
     device: torch.device
     engine: object
     ema: EMA
-    loader: object
-    noise_gen: torch.Generator       # per rank: diffusion noise, timesteps, label drops, posterior samples
+    loader: object                   # global data order: step s's images depend on the seed and s alone
     inputs: ModelInputs
     schedule: Schedule
     logger: RunLogger
@@ -153,10 +155,10 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 def build_run(cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> Run:
     t = cfg.train
     engine = build_engine(cfg, build_model(cfg), world_size)
+    accumulation = t.global_batch // (t.micro_batch * world_size)
     return Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine,
                ema=EMA(engine.module, t.ema_decay),
-               loader=build_loader(cfg.data, t.micro_batch, rank, world_size, t.seed),
-               noise_gen=torch.Generator(device=device).manual_seed(t.seed * 100_003 + rank),
+               loader=build_loader(cfg.data, t.micro_batch, rank, world_size, t.seed, accumulation),
                inputs=ModelInputs(cfg.data, cfg.model.in_channels, device),
                schedule=Schedule.from_config(cfg.diffusion), logger=RunLogger(cfg, rank))
 
@@ -186,9 +188,12 @@ def resume(run: Run) -> None:
     trainer_state, rank_state, ema_state = resumed
     run.state = TrainState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(TrainState)})
     run.ema.load_state_dict(ema_state)
-    run.loader.load_state_dict(rank_state["loader"])
-    checkpoint.set_rng_state(rank_state["rng"])
-    run.noise_gen.set_state(rank_state["noise_rng"])
+    try:
+        run.loader.load_state_dict(rank_state["loader"])  # a global position: any world size, any num_workers
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if rank_state["rng"] is not None:  # the same ranks as before; the training noise is keyed by image anyway
+        checkpoint.set_rng_state(rank_state["rng"])
     run.logger.event({"event": "resumed", "images_seen": run.state.images_seen, "step": run.state.step,
                       "checkpoint": checkpoint.latest_path(run.ckpt_dir),
                       "saved_world_size": trainer_state.get("world_size"), "world_size": run.world_size})
@@ -202,16 +207,19 @@ def train_step(run: Run, batches) -> StepResult:
     """Gradient accumulation over this rank's micro-batches, one optimizer step, one EMA update.
 
     A micro-batch whose loss is non-finite on any rank is dropped on every rank (no backward, no step: it never
-    happened); `train.max_nonfinite_in_a_row` of them in a row raise NonFiniteLosses.
+    happened); `train.max_nonfinite_in_a_row` of them in a row raise NonFiniteLosses. Noise, timesteps, label
+    drops and posterior samples come from one generator per image, keyed by (seed, global step, place in the
+    global batch), so a resume on another world size trains on exactly the same draws.
     """
     cfg, engine, dif = run.cfg, run.engine, run.cfg.diffusion
     accumulation = engine.gradient_accumulation_steps()
-    loss_sum, images, grad_norm, micro = 0.0, 0, None, 0
+    loss_sum, images, grad_norm, micro, crc = 0.0, 0, None, 0, 0
     while micro < accumulation:
         batch = next(batches)
-        x0 = run.inputs(batch["x"], run.noise_gen)
-        y = drop_labels(batch["y"].to(run.device), dif.p_uncond, engine.module.null_class, run.noise_gen)
-        loss = training_loss(engine, x0, y, run.schedule, generator=run.noise_gen,
+        gens = image_generators(cfg.train.seed, batch["step"], batch["index"])
+        y = drop_labels(batch["y"].to(run.device), dif.p_uncond, engine.module.null_class, gens)
+        x0 = run.inputs(batch["x"], gens)
+        loss = training_loss(engine, x0, y, run.schedule, generator=gens,
                              bf16_timesteps=dif.bf16_timesteps, min_snr_gamma=dif.min_snr_gamma)
         finite = torch.isfinite(loss.detach()).float().reshape(1)  # on the device: nccl needs CUDA tensors
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -229,15 +237,15 @@ def train_step(run: Run, batches) -> StepResult:
         engine.step()
         loss_sum += loss.item()
         images += batch["x"].shape[0]
+        crc += sum(zlib.crc32(k.encode()) for k in batch["key"])
         micro += 1
     run.ema.update(engine.module)  # after the optimizer step only (docs/engineering-notes.md §B.21), gathered weights under ZeRO-3
-    return StepResult(loss=loss_sum / accumulation, images=images, grad_norm=grad_norm)
+    return StepResult(loss=loss_sum / accumulation, images=images, grad_norm=grad_norm, keys_crc=crc)
 
 
 def save_checkpoint(run: Run) -> str:
     """Collective: the full state of every rank under checkpoints/, published as `latest`."""
-    rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state(),
-                  "noise_rng": run.noise_gen.get_state()}
+    rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state()}
     try:
         return checkpoint.save(run.engine, run.ckpt_dir, run.state.images_seen, dataclasses.asdict(run.state),
                                rank_state, run.ema.state_dict(run.engine.module), run.cfg.train.keep_checkpoints)
@@ -330,15 +338,15 @@ def train(cfg: RunConfig, rank: int, world_size: int, device: torch.device, on_p
             while state.images_seen < t.total_images:
                 step_start = time.time()
                 result = train_step(run, batches)
-                # one all-reduce per step: loss, images, any rank's stop signal, inputs skipped so far
+                # one all-reduce per step: loss, images, any rank's stop signal, inputs skipped so far, key crcs
                 totals = torch.tensor([result.loss, float(result.images), float(stop.signum),
-                                       float(sum(run.loader.counts()["skipped"].values()))],
-                                      dtype=torch.float64, device=device)
+                                       float(sum(run.loader.counts()["skipped"].values())), float(result.keys_crc)],
+                                      dtype=torch.float64, device=device)  # crc sums stay exact below 2**53
                 dist.all_reduce(totals)
                 before = state.images_seen
                 state.images_seen += int(totals[1].item())
                 state.step += 1
-                window.add(totals[0].item() / world_size, int(totals[1].item()))
+                window.add(totals[0].item() / world_size, int(totals[1].item()), int(totals[4].item()))
                 if state.step % t.log_every_steps == 0 or state.images_seen >= t.total_images:
                     record = window.record(run, result, step_start)
                     if int(totals[3].item()) != skipped_before:   # shown when it changes
@@ -379,19 +387,22 @@ class Window:
     """Loss and throughput since the last logged step."""
 
     def __init__(self):
-        self.loss, self.steps, self.images, self.t0 = 0.0, 0, 0, time.time()
+        self.loss, self.steps, self.images, self.keys_crc, self.t0 = 0.0, 0, 0, 0, time.time()
 
-    def add(self, loss: float, images: int) -> None:
+    def add(self, loss: float, images: int, keys_crc: int) -> None:
         self.loss += loss
         self.steps += 1
         self.images += images
+        self.keys_crc += keys_crc
 
     def record(self, run: Run, result: StepResult, step_start: float) -> dict:
         gn = run.engine.get_global_grad_norm() if result.grad_norm is None else result.grad_norm
         return {"step": run.state.step, "images_seen": run.state.images_seen, "loss": self.loss / self.steps,
                 "lr": run.engine.get_lr()[0], "grad_norm": float(gn) if gn is not None else float("nan"),
                 "images_per_s": self.images / (time.time() - self.t0), "step_time_s": time.time() - step_start,
-                "mem_gib": memory_gib(run.device), "nonfinite_skipped": run.state.nonfinite_skipped}
+                "mem_gib": memory_gib(run.device), "nonfinite_skipped": run.state.nonfinite_skipped,
+                # which images the window's global batches held (sum of crc32 of their keys), on how many ranks
+                "keys_crc": self.keys_crc, "world_size": run.world_size}
 
 
 def parse_args(argv):

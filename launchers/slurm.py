@@ -12,9 +12,11 @@ Preemption and time limits (docs/engineering-notes.md §B.23, §B.24): SLURM sen
 trainer (dimscale/train.py) catches USR1/USR2/TERM, all ranks agree at the next step boundary, save
 `checkpoints/latest`, call `on_preempt` on rank 0 and return 3. Only then, after the save is complete on
 every rank, rank 0 requeues the job (`scontrol requeue`); the requeued job runs the same task, which resumes
-from `latest` because the trainer always does. An external `scontrol requeue`/preemption kill sends SIGTERM
-and no USR2: the job is already being requeued, so rank 0 only exits, and the rerun resumes from the last
-checkpoint the trainer managed to write (the SIGTERM save if it fits in KillWait, else the last periodic one).
+from `latest` because the trainer always does, on whatever number of nodes it comes back with (the task count
+follows the allocation; the trainer reshards checkpoints and keeps the global data order). An external
+`scontrol requeue`/preemption kill sends SIGTERM and no USR2: the job is already being requeued, so rank 0
+only exits, and the rerun resumes from the last checkpoint the trainer managed to write (the SIGTERM save if
+it fits in KillWait, else the last periodic one).
 A USR2 that arrives before the trainer has installed its handlers reaches submitit's, which calls
 StageTask.checkpoint() and requeues at once: nothing new to save yet. Nothing here ever points at a numbered
 checkpoint (MAE's requeue bug, docs/engineering-notes.md §B.24). `--local` runs the same tasks through submitit's local
@@ -321,6 +323,11 @@ def make_executor(args, stage: Stage, dependency: str = ""):
                 params[f"slurm_{key}"] = getattr(args, key)
         if dependency:
             params["slurm_dependency"] = dependency
+        # A requeued job may come back on other nodes than it was submitted with (the pending job reshaped with
+        # scontrol update, a smaller free share): sbatch froze SLURM_NTASKS at submission, so derive the task
+        # count from this allocation; the trainer then resumes on the new world size (checkpoints reshard).
+        tasks = f"$((SLURM_JOB_NUM_NODES * {int(args.tasks_per_node)}))"
+        params["slurm_setup"] = [f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}"]
     if dry_run_here:  # the same sbatch script as on a cluster, printed anywhere
         return _DryRun(folder, params, args.max_requeues)
     ex.update_parameters(**params)

@@ -1,6 +1,5 @@
 """Bad configs fail in the config or path check, before any process group: one line, once, exit code 2."""
 import json
-import os
 import shutil
 import subprocess
 import sys

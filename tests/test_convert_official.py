@@ -4,7 +4,6 @@ Oracle: ../shared/fixtures/official_dim (its README): tiny official nnets, Upsam
 every released config's key list. Gate: max|a - b| / max|ref| <= 1e-5.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -117,9 +117,59 @@ def test_exact_resume_with_two_workers(photos):
     whole = build_loader(cfg, 3, 0, 1, seed=7)
     take(whole, 13)
     assert resumed.counts()["bucket"] == whole.counts()["bucket"] and resumed.counts()["class"] == whole.counts()["class"]
-    other = build_loader(DataConfig(shards=str(photos), resolution=64, num_workers=1), 3, 0, 1, seed=7)
-    with pytest.raises(ValueError, match="data.num_workers"):
-        other.load_state_dict(state)
+    assert "world_size" not in state and "lanes" not in state  # a global position only
+    with pytest.raises(ValueError, match="train.seed"):
+        build_loader(cfg, 3, 0, 1, seed=8).load_state_dict(state)
+
+
+def global_steps(shards, world, acc, workers, steps, states=None, micro_batch=1, seed=5):
+    """{global step: [(key, place, bucket, x)]} over all ranks of a world (in one process), and the loaders."""
+    cfg = DataConfig(shards=str(shards), resolution=64, num_workers=workers, shuffle_buffer=3)
+    loaders = [build_loader(cfg, micro_batch, r, world, seed, accumulation=acc) for r in range(world)]
+    out = {}
+    for lo in loaders:
+        if states is not None:
+            lo.load_state_dict(states)
+        first = lo.step
+        for b in take(lo, steps * acc):
+            assert first <= b["step"] < first + steps
+            out.setdefault(b["step"], []).extend(zip(b["key"], b["index"], [b["bucket"]] * len(b["key"]), b["x"]))
+    return out, loaders
+
+
+def test_one_two_three_ranks_draw_the_same_images_per_global_step(photos):
+    """Global step s is the same set of keys (same places, same pixels) for 1, 2 or 3 ranks and any num_workers."""
+    one, _ = global_steps(photos, 1, 6, 0, 14)
+    runs = [global_steps(photos, 2, 3, 2, 14)[0], global_steps(photos, 3, 2, 1, 14)[0]]
+    assert len({v[0][2] for v in one.values()}) >= 2  # several buckets take part
+    for run in runs:
+        assert sorted(run) == sorted(one) == list(range(14))
+        for s in one:
+            assert sorted(e[:3] for e in run[s]) == sorted(e[:3] for e in one[s]) and len(run[s]) == 6
+            ref = {e[0]: e[3] for e in one[s]}
+            assert all(torch.equal(ref[k], x) for k, _, _, x in run[s])  # same decode and flip
+    by_bucket = {}
+    for s in sorted(one):
+        by_bucket.setdefault(one[s][0][2], []).extend(e[0] for e in one[s])
+    manifest = json.load(open(photos / "manifest.json"))
+    for name, keys in by_bucket.items():  # within one pass over a bucket no key comes twice
+        n = manifest["buckets"][name]["count"]
+        assert len(set(keys[:n])) == len(keys[:n]), name
+
+
+def test_resume_on_another_world_size_and_num_workers(photos):
+    """2 ranks x 2 workers stop after 5 steps; 3 ranks x 1 worker go on: the uninterrupted key sequence."""
+    whole, _ = global_steps(photos, 1, 6, 0, 12)
+    before, loaders = global_steps(photos, 2, 3, 2, 5)
+    states = json.loads(json.dumps([lo.state_dict() for lo in loaders]))
+    after, resumed = global_steps(photos, 3, 2, 1, 7, states=states)
+    assert sorted(before) == list(range(5)) and sorted(after) == list(range(5, 12))
+    for s, run in (*before.items(), *after.items()):
+        assert sorted(e[:3] for e in run) == sorted(e[:3] for e in whole[s])
+    total = Counter()
+    for lo in resumed:
+        total.update(lo.counts()["bucket"])
+    assert sum(total.values()) == 12 * 6  # images seen carried over: the saved ranks' counts spread, not lost
 
 
 def _rank_keys(shards, rank, queue):
@@ -316,3 +366,40 @@ def test_manifest_shard_names_are_refused_not_run(fashion, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="refused"):  # the FID shard source reads manifests the same way
         open_source(str(data))
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_bad_samples_are_replaced_the_same_way_on_any_world_size(fashion, tmp_path):
+    """A cut shard's missing places get the same stand-ins for 1 rank and 2 ranks: the global batch stays equal."""
+    for f in os.listdir(fashion):
+        shutil.copy(fashion / f, tmp_path / f)
+    cut = tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".tar"))[0]
+    cut.write_bytes(cut.read_bytes()[:20000])  # ~15 of its 50 samples left, the last one cut inside a member
+    cfg = DataConfig(shards=str(tmp_path), resolution=32, channels=1, num_workers=0, shuffle_buffer=8)
+    steps = {}
+    for world, acc in ((1, 2), (2, 1)):
+        for rank in range(world):
+            loader = build_loader(cfg, 10, rank, world, seed=0, accumulation=acc)
+            for b in take(loader, 20 * acc):
+                steps.setdefault((world, b["step"]), []).extend(b["key"])
+            assert loader.counts()["skipped"].get("corrupt_shard", 0) <= 1  # counted once per process
+    assert all(len(steps[(1, s)]) == 20 and sorted(steps[(1, s)]) == sorted(steps[(2, s)]) for s in range(20))
+    keys = [k for s in range(20) for k in steps[(1, s)]]  # one pass of 400 places, ~35 of them stand-ins
+    assert 330 <= len(set(keys)) < 400
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_index_reads_ustar_gnu_and_pax_names(tmp_path, fmt):
+    """Other WebDataset writers use pax or GNU long-name headers (webdataset's TarWriter: pax)."""
+    from dimscale.data.tario import Shard
+    long_key = "d" * 70 + "/" + "k" * 80 + "é"          # over ustar's 100-byte name field, and not ASCII
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for key, payload in (("a/000001", b"one"), (long_key, b"two")):
+            for ext, data in (("png", payload), ("cls", b"3")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = Shard(str(path), Counter(), max_member=1 << 20)
+    assert shard.error is None
+    assert [k for k, _ in shard.samples] == ["a/000001", long_key]
+    assert shard.sample(1) == {"__key__": long_key, "png": b"two", "cls": b"3"}

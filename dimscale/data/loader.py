@@ -1,31 +1,43 @@
-"""Streaming loader over tools/make_shards.py output: bucketed, rank/worker-split, exactly resumable.
+"""Streaming loader over tools/make_shards.py output: bucketed, one global data order, resumable on any world size.
 
-    loader = build_loader(cfg.data, micro_batch=32, rank=rank, world_size=world, seed=cfg.train.seed)
-    for batch in loader:            # {"x": (B, C, H, W) in [-1, 1], "y": (B,), "bucket": "256x256", "key": [...]}
-        ...
-        ckpt["data"] = loader.state_dict()          # small: a step counter and two ints per (lane, bucket)
+    loader = build_loader(cfg.data, micro_batch=32, rank=rank, world_size=world, seed=cfg.train.seed,
+                          accumulation=acc)
+    for batch in loader:            # {"x": (B, C, H, W) in [-1, 1], "y": (B,), "bucket": "256x256", "key": [...],
+        ...                         #  "step": global step, "index": [B places in the global batch]}
+        ckpt["data"] = loader.state_dict()          # a global position: step + one cursor per bucket
 
-Everything is a pure function of (seed, rank, step), so nothing random has to be saved
-(docs/engineering-notes.md §B.8-B.12):
-- Step s trains bucket `BucketSchedule.bucket(s)` on every rank (all ranks agree without talking).
-- Batches are made in `lanes` (one per DataLoader worker; lane = s mod lanes). The DataLoader hands out batches
-  round-robin over workers, so after restoring at step k, worker w serves lane (k + w) mod lanes.
-- The samples of (bucket, rank, lane) form an endless stream over the shard sequence G = perm_0 + perm_1 + ...
-  (perm_e: a seeded permutation of the bucket's shards for epoch e). Slot rank*lanes + lane reads G[slot::ranks*lanes]:
-  within one pass the slots read disjoint shards, and no rank ever runs dry (resampling across epochs,
-  docs/engineering-notes.md §B.8).
-- Inside a shard, windows of `shuffle_buffer` samples are permuted (seeded by shard position and window), so a
-  stream's position is two ints: (k-th shard of the stream, samples taken from it). Restoring opens the current
-  shard and skips the taken samples as raw bytes (read, never decoded); earlier shards are not touched.
-- A shard that fails to open or is cut short is skipped and counted; so is an undecodable sample.
+Design: a global cursor per bucket (EDM2's global sample index, per bucket), not virtual slots. Which images
+make up global step s is a function of (seed, s) alone, for any world size and data.num_workers:
+- Step s trains bucket `BucketSchedule.bucket(s)`; its global batch is B = micro_batch(bucket) x M images, where
+  M = world x accumulation = train.global_batch / train.micro_batch does not change with the world size.
+- Bucket b's samples form one endless global sequence: shards in the order perm_0 + perm_1 + ... (perm_e: a
+  seeded permutation of the bucket's shards for epoch e), each shard's samples permuted in windows of
+  `shuffle_buffer`. The manifest's per-shard counts make position -> (shard, sample) plain arithmetic.
+- Step s takes positions [cursor_b, cursor_b + B) of its bucket and moves the cursor on by B: one pass sees every
+  sample once, whatever the world size, and no rank ever runs dry (epochs resample; unequal batch counts hang
+  and resumed streams must not restart at batch 0: docs/engineering-notes.md §B.8-B.12).
+- Place q of the global batch goes to rank q // (B / world); within a rank, micro-batch j of the step gets the
+  j-th slice of micro_batch places. "The same global batch" = the same set of B keys, however it is split into
+  micro-batches. Micro-batches start at multiples of micro_batch for every world size, so flips seeded by
+  (step, first place) and the trainer's per-image noise seeded by `index` (q) are world-independent too.
+- DataLoader workers take micro-batches round-robin (worker w: w, w + W, ...); each walks the schedule itself.
+Why not virtual slots (mosaic streaming's canonical nodes): they tie world sizes to divisors of a fixed slot count
+and keep one open shard stream per slot; a global cursor needs nothing but a step and a cursor per bucket.
+Its cost: ranks share shards. A rank indexes each shard it touches by its tar headers (512 bytes per member) and
+seeks past the members of other ranks' samples, so it never reads or decodes them; `bytes_read` counts it
+(tools/bench.py loader reports bytes read per image delivered). Streams that cannot seek (pipe: URLs) are spooled
+to a temporary file first, so each rank that touches such a shard reads all of it.
+- A shard that fails to open or is cut short is counted once (per process) as corrupt_shard; a sample that
+  does not decode is counted as corrupt_sample. Either way the place is filled by a stand-in: a seeded position
+  in a later epoch (BucketSequence.replacement), a function of the position, so still world-independent.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
-import json
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
@@ -33,18 +45,22 @@ from PIL import Image
 
 from dimscale.data.buckets import BucketSchedule, parse_bucket_name, scaled_size, size_multiple
 from dimscale.data.images import decode_image, write_planes
-from dimscale.data.tario import bucket_member_limit, read_manifest, shard_samples, shard_urls  # noqa: F401
+from dimscale.data.tario import Shard, ShardError, bucket_member_limit, read_manifest, shard_urls
 
 log = logging.getLogger("dimscale.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+STATE_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------
 # Manifest and bucket plan
 # ------------------------------------------------------------------------------------------------
 
-def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, lanes: int) -> tuple:
-    """-> (names, probs, micro_batches, report lines) of the usable buckets; empty / under-filled ones are excluded."""
+def plan_buckets(manifest: dict, data_cfg, micro_batch: int, per_step: int) -> tuple:
+    """-> (names, probs, micro_batches, report lines) of the usable buckets; empty / under-filled ones are excluded.
+
+    per_step = world x accumulation micro-batches make one global step, so the plan never depends on the world size.
+    """
     table = data_cfg.buckets or {}
     unknown = sorted(set(table) - set(manifest["buckets"]))
     if unknown:
@@ -65,13 +81,11 @@ def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, la
             continue
         if prob <= 0:
             continue
-        if count < mb * world_size:
-            report.append(f"bucket {name}: under-filled ({count} images < micro_batch {mb} x {world_size} ranks), "
-                          f"excluded; lower its micro_batch or write more images of this shape")
+        if count < mb * per_step:
+            report.append(f"bucket {name}: under-filled ({count} images < its global batch of {mb * per_step} = "
+                          f"micro_batch {mb} x {per_step} micro-batches per step), excluded; lower its micro_batch "
+                          f"or write more images of this shape")
             continue
-        if len(entry["shards"]) < world_size * lanes:
-            report.append(f"bucket {name}: {len(entry['shards'])} shards < {world_size} ranks x {lanes} workers; "
-                          f"streams share shards, so samples repeat sooner (write smaller shards)")
         names.append(name)
         probs.append(prob)
         mbs.append(mb)
@@ -81,111 +95,129 @@ def plan_buckets(manifest: dict, data_cfg, micro_batch: int, world_size: int, la
 
 
 # ------------------------------------------------------------------------------------------------
-# One bucket's endless sample stream for one (rank, lane) slot
+# One bucket's global sample sequence: position -> (shard, sample), pure arithmetic on the manifest
 # ------------------------------------------------------------------------------------------------
 
-class ShardStream:
-    """Raw samples of G[slot::n_slots]; state = [k, taken] (k-th shard of this stream, samples taken from it)."""
+class BucketSequence:
+    """Position p of bucket `bucket_id`'s endless sequence -> raw sample; keeps two shards open."""
 
-    def __init__(self, urls: list, slot: int, n_slots: int, seed: int, bucket_id: int, window: int,
-                 state: list, skipped: Counter, max_member: int):
-        self.urls, self.slot, self.n_slots, self.seed, self.bucket_id = urls, slot, n_slots, seed, bucket_id
-        self.window, self.state, self.skipped, self.max_member = max(1, window), state, skipped, max_member
-        self._it = None
+    def __init__(self, urls: list, counts: list, seed: int, bucket_id: int, window: int, counter: Counter,
+                 max_member: int):
+        self.urls, self.counts, self.seed, self.bucket_id = urls, np.asarray(counts, np.int64), seed, bucket_id
+        self.max_member = max_member  # tar members above this are skipped unread (dimscale/data/tario.py member_limit)
+        self.window, self.counter, self.total = max(1, window), counter, int(np.sum(counts))
+        self.open: OrderedDict = OrderedDict()
+        self.bad: set = set()  # shards found damaged by this process: counted and logged once
+        self.epoch = functools.lru_cache(maxsize=4)(self._epoch)
+        self.window_order = functools.lru_cache(maxsize=64)(self._window_order)
 
-    def shard_of(self, k: int) -> int:
-        """Index into urls of this stream's k-th shard: position g of the epoch-concatenated permutations."""
-        g = self.slot + k * self.n_slots
-        n = len(self.urls)
-        perm = np.random.default_rng([self.seed, self.bucket_id, g // n, 0x5A4D]).permutation(n)
-        return int(perm[g % n])
+    def _epoch(self, e: int) -> tuple:
+        """(shard permutation, cumulative counts in that order) of epoch e."""
+        perm = np.random.default_rng([self.seed, self.bucket_id, e, 0x5A4D]).permutation(len(self.urls))
+        return perm, np.cumsum(self.counts[perm])
 
-    def _samples(self):
-        """Raw samples from the current position on, advancing self.state; endless."""
-        failed_in_a_row = 0
-        while True:
-            k, taken = self.state
-            url = self.urls[self.shard_of(k)]
-            ok = False
-            try:
-                for sample in self._windows(url, k, taken):
-                    ok = True
-                    self.state[1] += 1
-                    yield sample
-            except Exception as e:  # a truncated, corrupt, unopenable or hung shard is skipped and counted
-                self.skipped[getattr(e, "reason", "corrupt_shard")] += 1
-                log.warning("skipping the rest of shard %s: %s", url, str(e).split("\n")[0][:200])
-            failed_in_a_row = 0 if ok or taken else failed_in_a_row + 1
-            if failed_in_a_row > 2 * len(self.urls):
-                raise RuntimeError(f"no shard of this bucket could be read ({len(self.urls)} tried, e.g. {url}); "
-                                   f"check the shard paths or data.shard_url")
-            self.state[:] = [k + 1, 0]
+    def _window_order(self, e: int, g: int, w: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.bucket_id, e, g, w, 0x57]).permutation(n)
 
-    def _windows(self, url: str, k: int, taken: int):
-        """Samples of shard k in window-permuted order, skipping the first `taken` (read, not decoded)."""
-        g = self.slot + k * self.n_slots
-        raw = shard_samples(url, self.max_member, self.skipped)
-        try:
-            for w in itertools.count():
-                chunk = list(itertools.islice(raw, self.window))
-                if not chunk:
-                    return
-                start = w * self.window
-                if start + len(chunk) <= taken:
-                    continue
-                order = np.random.default_rng([self.seed, self.bucket_id, g, w, 0x57]).permutation(len(chunk))
-                for i in order[max(0, taken - start):]:
-                    yield chunk[i]
-        finally:
-            raw.close()
+    def locate(self, p: int) -> tuple:
+        """(shard index into urls, sample index inside the shard file) of position p."""
+        e, o = divmod(p, self.total)
+        perm, cum = self.epoch(e)
+        g = int(np.searchsorted(cum, o, side="right"))
+        k = o - (int(cum[g - 1]) if g else 0)
+        w, j = divmod(k, self.window)
+        wlen = min(self.window, int(self.counts[perm[g]]) - w * self.window)
+        return int(perm[g]), w * self.window + int(self.window_order(e, g, w, wlen)[j])
 
-    def next(self) -> dict:
-        if self._it is None:
-            self._it = self._samples()
-        return next(self._it)
+    def shard(self, i: int) -> Shard:
+        if i not in self.open:
+            if len(self.open) >= 2:
+                self.open.popitem(last=False)[1].close()
+            self.open[i] = Shard(self.urls[i], self.counter, self.max_member)
+            if self.open[i].error is not None and i not in self.bad:
+                self.bad.add(i)
+                self.counter[self.open[i].skip_reason] += 1
+                log.warning("skipping the unreadable part of shard %s: %s", self.urls[i],
+                            str(self.open[i].error).split("\n")[0][:200])
+        self.open.move_to_end(i)
+        return self.open[i]
+
+    def replacement(self, p: int, i: int) -> int:
+        """The i-th stand-in for position p: a seeded position in epoch i after p's (any shard, any offset)."""
+        offset = np.random.default_rng([self.seed, self.bucket_id, p, i, 0xBAD]).integers(self.total)
+        return (p // self.total + i) * self.total + int(offset)
+
+    def raw(self, p: int) -> dict:
+        """Raw sample at position p; raises IndexError if the shard does not hold it (cut short or unreadable)."""
+        i, k = self.locate(p)
+        shard = self.shard(i)
+        if k >= len(shard.samples):
+            raise IndexError(k)
+        return shard.sample(k)
 
 
 # ------------------------------------------------------------------------------------------------
-# Batches of one lane (runs inside a DataLoader worker, or in the main process when num_workers=0)
+# Micro-batches of this rank (run inside DataLoader workers, or in the main process when num_workers=0)
 # ------------------------------------------------------------------------------------------------
 
-class LaneBatches(torch.utils.data.IterableDataset):
-    """Batches of steps start, start+lanes, ... for lane start % lanes; worker w of a DataLoader takes start+w."""
+def walk_schedule(schedule: BucketSchedule, per_step: int, step: int, cursor: dict):
+    """Yield (step, bucket, micro_batch, first position) from `step` on; cursor: {bucket: next position}."""
+    cursor = dict(cursor)
+    for s in itertools.count(step):
+        name, mb = schedule.bucket(s)
+        p = cursor.get(name, 0)
+        cursor[name] = p + mb * per_step
+        yield s, name, mb, p
 
-    def __init__(self, spec: dict, start_step: int, lane_states: dict):
-        self.spec, self.start_step, self.lane_states = spec, start_step, lane_states
+
+class RankBatches(torch.utils.data.IterableDataset):
+    """Micro-batches start, start + W, ... of this rank for worker w (start + w), W = max(1, num_workers)."""
+
+    def __init__(self, spec: dict, start_step: int, cursor: dict):
+        self.spec, self.start_step, self.cursor = spec, start_step, cursor
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        yield from self.batches(self.start_step + worker)
+        yield from self.batches(info.id if info is not None else 0)
 
-    def batches(self, step: int):
+    def batches(self, worker: int):
         sp = self.spec
-        lane = step % sp["lanes"]
-        state = json.loads(json.dumps(self.lane_states.get(str(lane), {"streams": {}, "skipped": {}})))
-        skipped = Counter(state["skipped"])
+        acc, world, lanes = sp["accumulation"], sp["world_size"], sp["lanes"]
+        per_step = acc * world
+        counter = Counter()
         schedule = BucketSchedule(sp["names"], sp["probs"], sp["micro_batches"], sp["seed"])
-        slot = sp["rank"] * sp["lanes"] + lane
-        streams = {name: ShardStream(sp["urls"][name], slot, sp["world_size"] * sp["lanes"], sp["seed"],
-                                     sp["bucket_ids"][name], sp["window"], state["streams"].setdefault(name, [0, 0]),
-                                     skipped, sp["max_member"][name])
-                   for name in sp["names"]}
-        while True:
-            name, mb = schedule.bucket(step)
-            xs, ys, keys = [], [], []
-            while len(xs) < mb:
-                sample = streams[name].next()
-                try:
-                    xs.append(self.decode_sample(sample, name))
-                    ys.append(int(sample["cls"]))
-                    keys.append(sample["__key__"])
-                except Exception:  # undecodable image or missing field: skipped and counted
-                    skipped["corrupt_sample"] += 1
-            state["skipped"] = dict(skipped)
-            yield {**self.collate(xs, step), "y": torch.tensor(ys, dtype=torch.long), "bucket": name, "key": keys,
-                   "step": step, "_lane": lane, "_lane_state": json.loads(json.dumps(state))}
-            step += sp["lanes"]
+        seqs = {name: BucketSequence(sp["urls"][name], sp["counts"][name], sp["seed"], sp["bucket_ids"][name],
+                                     sp["window"], counter, sp["max_member"][name]) for name in sp["names"]}
+        micro = self.start_step * acc + worker
+        for s, name, mb, p in walk_schedule(schedule, per_step, self.start_step, self.cursor):
+            while micro // acc == s:
+                q0 = (sp["rank"] * acc + micro % acc) * mb  # first place of this micro-batch in the global batch
+                xs, ys, keys = [], [], []
+                for q in range(q0, q0 + mb):
+                    x, y, key = self.fill(seqs[name], p + q, name, counter)
+                    xs.append(x)
+                    ys.append(y)
+                    keys.append(key)
+                yield {**self.collate(xs, s, q0), "y": torch.tensor(ys, dtype=torch.long), "bucket": name,
+                       "key": keys, "step": s, "index": list(range(q0, q0 + mb)), "_micro": micro,
+                       "_counts": dict(counter)}
+                counter.clear()
+                micro += lanes
+
+    def fill(self, seq: BucketSequence, p: int, bucket: str, counter: Counter) -> tuple:
+        """(image, label, key) for position p; a missing or bad sample is replaced by a stand-in (replacement)."""
+        for i in range(64 + 4 * len(seq.urls)):  # 64 tries find a good sample even if only 15% of them are
+            try:
+                sample = seq.raw(p if i == 0 else seq.replacement(p, i))
+                return self.decode_sample(sample, bucket), int(sample["cls"]), sample["__key__"]
+            except IndexError:  # the shard does not hold it (unreadable or cut short): counted when opened
+                pass
+            except ShardError as e:  # a member over the bound: skipped unread
+                counter[e.reason] += 1
+            except Exception:  # noqa: BLE001 - a cut, undecodable or incomplete sample: skipped and counted
+                counter["corrupt_sample"] += 1
+        raise RuntimeError(f"no shard of bucket {bucket} could be read ({len(seq.urls)} shards, e.g. "
+                           f"{seq.urls[0]}); check the shard paths or data.shard_url")
 
     def decode_sample(self, sample: dict, bucket: str):
         """-> Pillow image at the bucket's training size, or (8, h, w) float32 VAE moments."""
@@ -195,13 +227,13 @@ class LaneBatches(torch.utils.data.IterableDataset):
         data = next(sample[k] for k in IMAGE_KEYS if k in sample)
         return decode_image(data, tw, th, self.spec["channels"])
 
-    def collate(self, xs: list, step: int) -> dict:
-        """Stack moments, or random-flip (seeded by rank and step) and stack pixels as uint8 (B, C, H, W)."""
+    def collate(self, xs: list, step: int, q0: int) -> dict:
+        """Stack moments, or random-flip (seeded by step and place in the global batch) and stack pixels as uint8."""
         if self.spec["latent"] == "moments":
             return {"x": torch.from_numpy(np.stack(xs))}  # flipped moments != moments of the flipped image
         flip = np.zeros(len(xs), bool)
-        if self.spec["random_flip"]:
-            flip = np.random.default_rng([self.spec["seed"], self.spec["rank"], step, 0xF11]).random(len(xs)) < 0.5
+        if self.spec["random_flip"]:  # micro-batches start at multiples of micro_batch whatever the world size
+            flip = np.random.default_rng([self.spec["seed"], step, q0, 0xF11]).random(len(xs)) < 0.5
         w, h = xs[0].size
         out = np.empty((len(xs), len(xs[0].getbands()), h, w), np.uint8)
         for i, (im, f) in enumerate(zip(xs, flip)):
@@ -220,16 +252,15 @@ def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 class ShardLoader:
-    """Endless iterable of batches with state_dict()/load_state_dict() and counts(); see the module docstring."""
+    """Endless iterable of micro-batches with state_dict()/load_state_dict() and counts(); see the module docstring."""
 
-    def __init__(self, data_cfg, micro_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, data_cfg, micro_batch: int, rank: int, world_size: int, seed: int, accumulation: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if data_cfg.channels not in (1, 3):
             raise ValueError(f"data.channels = {data_cfg.channels}; use 3 (RGB) or 1 (grey)")
         manifest, base = read_manifest(data_cfg.shards)
-        lanes = max(1, data_cfg.num_workers)
-        names, probs, mbs, report = plan_buckets(manifest, data_cfg, micro_batch, world_size, lanes)
+        names, probs, mbs, report = plan_buckets(manifest, data_cfg, micro_batch, world_size * accumulation)
         self.report = report
         if rank == 0:
             for line in report:
@@ -249,65 +280,105 @@ class ShardLoader:
         self.manifest = manifest
         self.spec = {
             "names": names, "probs": probs, "micro_batches": mbs, "seed": seed, "rank": rank,
-            "world_size": world_size, "lanes": lanes, "window": data_cfg.shuffle_buffer,
-            "bucket_ids": {n: i for i, n in enumerate(manifest["buckets"])},
+            "world_size": world_size, "accumulation": accumulation, "lanes": max(1, data_cfg.num_workers),
+            "window": data_cfg.shuffle_buffer, "bucket_ids": {n: i for i, n in enumerate(manifest["buckets"])},
             "urls": {n: shard_urls(manifest["buckets"][n], base, data_cfg.shard_url) for n in names},
             "max_member": {n: bucket_member_limit(manifest, n) for n in names},
+            "counts": {n: [s["count"] for s in manifest["buckets"][n]["shards"]] for n in names},
             "sizes": {n: scaled_size(*parse_bucket_name(n), shard_res, data_cfg.resolution, multiple) for n in names},
             "channels": data_cfg.channels, "latent": latent, "random_flip": data_cfg.random_flip,
         }
         self.num_workers = data_cfg.num_workers
         self.schedule = BucketSchedule(names, probs, mbs, seed)
-        self.step = 0
-        self.lane_states: dict = {}
-        self.seen_bucket, self.seen_class = Counter(), Counter()
+        self.micro, self.cursor = 0, {}  # micro-batches taken; cursor: next position per bucket at step micro // acc
+        self.seen_bucket, self.seen_class, self.skipped = Counter(), Counter(), Counter()
+
+    @property
+    def step(self) -> int:
+        return self.micro // self.spec["accumulation"]
 
     def __iter__(self):
-        dataset = LaneBatches(self.spec, self.step, self.lane_states)
+        acc = self.spec["accumulation"]
+        start, first = self.step, self.micro
+        dataset = RankBatches(self.spec, start, self.cursor)
         if self.num_workers > 0:
             # no pin_memory: the uint8 batch becomes a new float tensor here anyway
             batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         else:
-            batches = dataset.batches(self.step)
+            batches = dataset.batches(0)
+        if first % acc:  # resumed mid-step: drop the micro-batches already taken
+            batches = itertools.islice(batches, first % acc, None)
+        plan = walk_schedule(self.schedule, acc * self.spec["world_size"], start, self.cursor)
         for batch in batches:
-            if batch["step"] != self.step:  # the DataLoader's round-robin order is what makes lanes line up
-                raise RuntimeError(f"loader out of order: got step {batch['step']}, expected {self.step}")
-            self.lane_states[str(batch.pop("_lane"))] = batch.pop("_lane_state")
+            if batch.pop("_micro") != self.micro:  # the DataLoader's round-robin order is what makes workers line up
+                raise RuntimeError(f"loader out of order: expected micro-batch {self.micro}")
+            self.skipped.update(batch.pop("_counts"))
             if "pixels" in batch:
                 batch["x"] = to_model_input(batch.pop("pixels"))
             self.seen_bucket[batch["bucket"]] += len(batch["y"])
             self.seen_class.update(batch["y"].tolist())
-            self.step += 1
+            self.micro += 1
+            if self.micro % acc == 0:  # a step is complete: the cursor moves to the next step's positions
+                s, name, mb, p = next(plan)
+                self.cursor = {**self.cursor, name: p + mb * acc * self.spec["world_size"]}
             yield batch
 
     def state_dict(self) -> dict:
-        """JSON-able: step, per-lane stream positions, skip counts and images seen (goes into the checkpoint)."""
-        return {"version": 1, "step": self.step, "seed": self.spec["seed"], "rank": self.spec["rank"],
-                "world_size": self.spec["world_size"], "lanes": self.spec["lanes"],
-                "lane_states": json.loads(json.dumps(self.lane_states)),
-                "seen_bucket": dict(self.seen_bucket), "seen_class": {str(k): v for k, v in self.seen_class.items()}}
+        """JSON-able: the global position (step, cursor per bucket) and this rank's counts; no world size in it.
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Continue exactly where `sd` was taken (same seed, world size and num_workers)."""
-        for key in ("seed", "world_size", "lanes"):
-            if sd[key] != self.spec[key]:
-                name = {"lanes": "data.num_workers", "seed": "train.seed", "world_size": "the world size"}[key]
-                raise ValueError(f"loader state was saved with {name} = {sd[key]}, this run has {self.spec[key]}; "
-                                 f"exact resume needs the same value (restore it, or start the data stream afresh)")
-        self.step = sd["step"]
-        self.lane_states = json.loads(json.dumps(sd["lane_states"]))
-        self.seen_bucket = Counter(sd["seen_bucket"])
-        self.seen_class = Counter({int(k): v for k, v in sd["seen_class"].items()})
+        Off a step boundary (the trainer replaced non-finite micro-batches with later ones) it also holds
+        "partial": [micro-batches taken into the step, world size]: exact on the same world size only.
+        """
+        acc = self.spec["accumulation"]
+        sd = {"version": STATE_VERSION, "step": self.step, "seed": self.spec["seed"], "cursor": dict(self.cursor),
+              "seen_bucket": dict(self.seen_bucket), "seen_class": {str(k): v for k, v in self.seen_class.items()},
+              "skipped": dict(self.skipped)}
+        if self.micro % acc:
+            sd["partial"] = [self.micro % acc, self.spec["world_size"]]
+        return sd
+
+    def load_state_dict(self, sd) -> None:
+        """Continue at the global position of `sd`, one state or the states of all ranks that saved it.
+
+        Any world size and num_workers: the position is global. The counts of saved rank i go to rank i % world,
+        so their sum over the ranks stays the run's total.
+        """
+        states = sd if isinstance(sd, list) else [sd]
+        first = states[0]
+        if first.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {first.get('version')} is not {STATE_VERSION} (written by an "
+                             f"older dimscale, before the global data order); start the data stream afresh")
+        if first["seed"] != self.spec["seed"]:
+            raise ValueError(f"loader state was saved with train.seed = {first['seed']}, this run has "
+                             f"{self.spec['seed']}; exact resume needs the same seed")
+        if any((st["step"], st["cursor"]) != (first["step"], first["cursor"]) for st in states):
+            raise ValueError("the saved loader states of the ranks disagree on the position; the checkpoint is damaged")
+        acc, world = self.spec["accumulation"], self.spec["world_size"]
+        self.micro, self.cursor = first["step"] * acc, dict(first["cursor"])
+        taken, saved_world = first.get("partial", [0, world])
+        if taken and saved_world == world:
+            self.micro += taken
+        elif taken:  # a part-taken step cannot be split anew: start at the next step
+            s, name, mb, p = next(walk_schedule(self.schedule, acc * world, first["step"], self.cursor))
+            self.micro, self.cursor = (s + 1) * acc, {**self.cursor, name: p + mb * acc * world}
+            log.warning("loader: the checkpoint was taken %d micro-batches into step %d on %d ranks; on %d ranks "
+                        "the data resumes at step %d", taken, s, saved_world, world, s + 1)
+        mine = states if not isinstance(sd, list) else states[self.spec["rank"]::world]
+        self.seen_bucket, self.seen_class, self.skipped = Counter(), Counter(), Counter()
+        for st in mine:
+            self.seen_bucket.update(st["seen_bucket"])
+            self.seen_class.update({int(k): v for k, v in st["seen_class"].items()})
+            self.skipped.update(st["skipped"])
 
     def counts(self) -> dict:
-        """Images seen per bucket and per class, and skips by reason, for the trainer's logs."""
-        skipped = Counter()
-        for state in self.lane_states.values():
-            skipped.update(state["skipped"])
+        """Images seen per bucket and per class, skips by reason and bytes read, for the trainer's logs."""
+        skipped = {k: v for k, v in self.skipped.items() if k != "bytes_read"}
         return {"images": sum(self.seen_bucket.values()), "bucket": dict(self.seen_bucket),
-                "class": dict(sorted(self.seen_class.items())), "skipped": dict(skipped)}
+                "class": dict(sorted(self.seen_class.items())), "skipped": skipped,
+                "bytes_read": self.skipped.get("bytes_read", 0)}
 
 
-def build_loader(data_cfg, micro_batch: int, rank: int, world_size: int, seed: int) -> ShardLoader:
-    """The shared contract: an endless, resumable loader of {"x", "y", "bucket"} batches for this rank."""
-    return ShardLoader(data_cfg, micro_batch, rank, world_size, seed)
+def build_loader(data_cfg, micro_batch: int, rank: int, world_size: int, seed: int,
+                 accumulation: int = 1) -> ShardLoader:
+    """The shared contract: an endless, resumable loader of {"x", "y", "bucket"} micro-batches for this rank."""
+    return ShardLoader(data_cfg, micro_batch, rank, world_size, seed, accumulation)

@@ -14,14 +14,15 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 from collections import Counter
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
 OPEN_TIMEOUT_S = 60.0
 # An encoded image is at most ~1.01x its raw bytes (PNG of noise; JPEG at q100 of tiny images ~1.5x plus its
@@ -29,7 +30,6 @@ OPEN_TIMEOUT_S = 60.0
 MEMBER_FACTOR = 4
 MEMBER_SLACK = 1 << 16
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+@%=,-]+(/[A-Za-z0-9._+@%=,-]+)*")  # no spaces, quotes, ;|&$`<>*?(){}
-CHUNK = 1 << 20
 DEFAULT_MAX_PIXELS = 89_478_485  # tools/make_shards.py --max-pixels default (Pillow's bomb limit)
 
 
@@ -120,20 +120,6 @@ class _Stream:
             return out + (self.raw.read(n - len(out)) if len(out) < n else b"")
         return self.raw.read(n)
 
-    def skip(self, n: int) -> None:
-        """Drop n bytes without holding them: seek on files, read in chunks on pipes."""
-        take = min(n, len(self.head))
-        self.head, n = self.head[take:], n - take
-        seekable = getattr(self.raw, "seekable", lambda: False)()
-        if n and seekable:
-            self.raw.seek(n, os.SEEK_CUR)
-            return
-        while n > 0:
-            got = len(self.raw.read(min(n, CHUNK)))
-            if got == 0:
-                raise EOFError("shard ends inside a member (cut short?)")
-            n -= got
-
     def close(self) -> None:
         self.raw.close()
 
@@ -171,63 +157,132 @@ def open_shard(url: str, timeout: float | None = None) -> _Stream:
 # Reading samples
 # ------------------------------------------------------------------------------------------------
 
-def read_samples(stream: _Stream, max_member: int, skipped: Counter):
-    """Samples {"__key__", ext: bytes} of a ustar stream as make_shards writes it; raises on a cut or garbled shard.
+def _pax_path(payload: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records), if any."""
+    for line in payload.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        key, eq, value = record.partition(b"=")
+        if eq and key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+    return None
 
-    A lean reader instead of tarfile + webdataset.group_by_keys: Python's tarfile costs ~10% of the decode time
-    per sample (three members each) on this path. Files are grouped by webdataset's base_plus_ext rule. A member
-    over `max_member` bytes is skipped unread and its sample dropped (counted as oversized_member).
+
+def tar_index(f, counter: Counter) -> tuple:
+    """-> ([(key, {ext: (offset, size)})], error or None) of a tar file; reads headers only and seeks past data.
+
+    A lean reader instead of tarfile (which costs ~10% of the decode time per sample here): ustar as make_shards
+    writes it, plus the pax and GNU long-name headers other WebDataset writers use (the name of the next member).
+    Members are grouped into samples by key, webdataset's rule (the key ends at the first dot of the file name).
+    A cut or garbled shard returns the samples whose members all lie in the file, and the error.
     """
-    sample, bad = None, False
-    while True:
-        header = stream.read(512)
-        if len(header) < 512:
-            raise EOFError("shard ends without the tar end marker (cut short?)")
-        if header.count(0) == 512:
-            break
-        checksum = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
-        if int(header[148:156].strip(b"\0 ") or b"-1", 8) != checksum:
-            raise ValueError("bad tar header checksum (not a tar, or garbled)")
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        if header[156:157] not in (b"0", b"\0"):
-            if header[156:157] in (b"x", b"g", b"L", b"K"):
-                raise ValueError("pax/GNU long-name tar headers are not supported; write shards with tools/make_shards.py")
-            stream.skip(size + (-size % 512))
-            continue
-        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace")
-        name = (prefix + "/" if prefix else "") + header[:100].rstrip(b"\0").decode("utf-8", "replace")
-        key, ext = base_plus_ext(name)
-        if key is not None and sample is not None and sample["__key__"] != key:
-            if not bad:
-                yield sample
-            sample, bad = None, False
-        if size > max_member:
-            stream.skip(size + (-size % 512))
-            skipped["oversized_member"] += 1
-            bad = True
-            if key is not None and sample is None:
-                sample = {"__key__": key}
-            continue
-        data = stream.read(size)
-        if len(data) < size:
-            raise EOFError("shard ends inside a member (cut short?)")
-        stream.read(-size % 512)
-        if key is None:
-            continue
-        if sample is None:
-            sample = {"__key__": key}
-        sample[ext.lower()] = data
-    if sample is not None and not bad:
-        yield sample
+    samples, pos, long_name = [], 0, None
+    try:
+        while True:
+            f.seek(pos)
+            header = f.read(512)
+            counter["bytes_read"] += len(header)
+            if len(header) < 512:
+                raise EOFError("shard ends without the tar end marker (cut short?)")
+            if header.count(0) == 512:
+                return samples, None
+            field = header[148:156]
+            checksum = sum(header) - sum(field) + 256  # the checksum field counts as 8 spaces
+            if int(field.strip(b"\0 ") or b"-1", 8) != checksum:
+                raise ValueError("bad tar header checksum (not a tar, or garbled)")
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            kind = header[156:157]
+            data_at, pos = pos + 512, pos + 512 + size + (-size % 512)
+            if kind in (b"x", b"L"):   # pax extended header / GNU long name: they name the next member
+                if size > MEMBER_SLACK:
+                    raise ValueError(f"a {size}-byte extended tar header (garbled?)")
+                f.seek(data_at)
+                payload = f.read(size)
+                counter["bytes_read"] += len(payload)
+                long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode(
+                    "utf-8", "surrogateescape")
+                continue
+            if kind not in (b"0", b"\0"):   # folders, links, global pax headers: no sample data
+                continue
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            path = long_name or (prefix + "/" if prefix else "") + header[:100].rstrip(b"\0").decode(
+                "utf-8", "surrogateescape")
+            long_name = None
+            folder, slash, name = path.rpartition("/")
+            base, dot, ext = name.partition(".")
+            if not base or not dot:
+                continue
+            key = folder + slash + base
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext.lower()] = (data_at, size)
+    except Exception as e:  # noqa: BLE001 - any damage: keep the samples whose members all lie in the file
+        end = f.seek(0, os.SEEK_END)
+        return [smp for smp in samples if all(at + size <= end for at, size in smp[1].values())], e
+
+
+class Shard:
+    """An open, indexed shard: sample(k) reads the members of its k-th sample (raw bytes), or raises.
+
+    Opened with open_shard (timeout, regular files only). A stream that cannot seek (pipe:, URLs) is spooled to a
+    local temporary file once. `error` holds why the shard could not be opened or indexed to its end (None if
+    it was); its `reason` attribute (ShardError), else corrupt_shard, is the skip counter it goes under.
+    """
+
+    def __init__(self, url: str, counter: Counter, max_member: int, timeout: float | None = None):
+        self.url, self.counter, self.max_member, self.samples, self.f = url, counter, max_member, [], None
+        try:
+            stream = open_shard(url, timeout)
+            raw = stream.raw
+            if not isinstance(raw, _Pipe) and getattr(raw, "seekable", lambda: False)():
+                self.f = raw                   # a local file: the first block is re-read by the index
+            else:
+                self.f = tempfile.TemporaryFile()
+                self.f.write(stream.head)
+                shutil.copyfileobj(raw, self.f)
+                counter["bytes_read"] += self.f.tell()
+                stream.close()
+            self.samples, self.error = tar_index(self.f, counter)
+        except Exception as e:  # noqa: BLE001 - a shard that cannot be opened is skipped and counted
+            self.error = e
+
+    @property
+    def skip_reason(self) -> str:
+        return getattr(self.error, "reason", "corrupt_shard")
+
+    def sample(self, k: int) -> dict:
+        """{"__key__", ext: bytes}; ShardError(oversized_member) for a member over the bound, unread."""
+        key, members = self.samples[k]
+        if any(size > self.max_member for _, size in members.values()):
+            raise ShardError(f"sample {key} has a member over {self.max_member} bytes", "oversized_member")
+        out = {"__key__": key}
+        for ext, (at, size) in members.items():
+            self.f.seek(at)
+            out[ext] = self.f.read(size)
+            self.counter["bytes_read"] += len(out[ext])
+            if len(out[ext]) < size:
+                raise EOFError(f"sample {key} is cut short")
+        return out
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
 
 
 def shard_samples(url: str, max_member: int, skipped: Counter, timeout: float | None = None):
-    """Open `url` (with the timeout) and yield its samples; the stream is closed when the generator ends."""
-    stream = open_shard(url, timeout)
+    """Every readable sample of one shard, in order; what cannot be read is counted in `skipped` by reason."""
+    shard = Shard(url, skipped, max_member, timeout)
     try:
-        yield from read_samples(stream, max_member, skipped)
+        for k in range(len(shard.samples)):
+            try:
+                yield shard.sample(k)
+            except ShardError as e:
+                skipped[e.reason] += 1
+            except EOFError:
+                skipped["corrupt_sample"] += 1
+        if shard.error is not None:
+            skipped[shard.skip_reason] += 1
     finally:
-        stream.close()
+        shard.close()
 
 
 def bucket_member_limit(manifest: dict, bucket: str) -> int:

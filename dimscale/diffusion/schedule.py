@@ -7,6 +7,7 @@ log α_t is the piecewise-linear interpolation of ½ log ᾱ_n over the knots t_
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dimscale.config import DiffusionConfig
@@ -78,6 +79,21 @@ class Schedule:
         return abar.sqrt().to(x0.dtype) * x0 + (1.0 - abar).sqrt().to(x0.dtype) * noise
 
 
+def image_generators(seed: int, step: int, index) -> list:
+    """One CPU generator per image, seeded by (seed, global step, place in the global batch): the noise of an
+    image does not depend on which rank draws it or on the world size (a resume on other ranks trains the same)."""
+    seeds = (np.random.SeedSequence([seed, step, int(q)]).generate_state(1, np.uint64)[0] for q in index)
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def draw(generator, fn, batch: int, device: torch.device) -> torch.Tensor:
+    """fn(generator, batch, generator's device) moved to `device`; for a list from image_generators, fn per image
+    (a batch of one, each from its own generator) concatenated."""
+    if isinstance(generator, list):
+        return torch.cat([fn(g, 1, "cpu") for g in generator]).to(device)
+    return fn(generator, batch, generator.device if generator is not None else device).to(device)
+
+
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each label by `null_class` with probability p (CFG training, docs/reference.md §1.10: p_uncond 0.1 / 0.15).
 
@@ -85,8 +101,7 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Gen
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"drop_labels: p = {p} must be in [0, 1) (diffusion.p_uncond)")
-    gen_device = generator.device if generator is not None else y.device
-    drop = torch.rand(y.shape, generator=generator, device=gen_device).to(y.device) < p
+    drop = draw(generator, lambda g, b, dev: torch.rand((b,), generator=g, device=dev), y.shape[0], y.device) < p
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
@@ -101,10 +116,11 @@ def training_loss(model, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
     min_snr_gamma > 0 weights each image's loss by min(SNR_n, γ) / SNR_n (Min-SNR-γ, Hang et al. 2023, eq. 9
     for ε-prediction): less weight on the nearly clean steps, which converges faster. 0 = LSimple, as the paper.
     """
-    B = x0.shape[0]
-    gen_device = generator.device if generator is not None else x0.device
-    n = torch.randint(1, schedule.num_timesteps + 1, (B,), generator=generator, device=gen_device).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    B, shape = x0.shape[0], x0.shape[1:]
+    n = draw(generator, lambda g, b, dev: torch.randint(1, schedule.num_timesteps + 1, (b,), generator=g, device=dev),
+             B, x0.device)
+    noise = draw(generator, lambda g, b, dev: torch.randn((b, *shape), generator=g, device=dev, dtype=x0.dtype),
+                 B, x0.device)
     x_n = schedule.q_sample(x0, n, noise)                     # (B, C, H, W)
     t = n.float()
     if bf16_timesteps:

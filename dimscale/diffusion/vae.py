@@ -38,8 +38,10 @@ def sample_latent(moments: torch.Tensor, scale: float = VAE_SCALE, generator: to
     """z = scale · (μ + σ ε) from moments (B, 2C, h, w); log σ² clamped to [-30, 20] as diffusers/LDM do."""
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    gen_device = generator.device if generator is not None else moments.device
-    noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype).to(mean.device)
+    from dimscale.diffusion.schedule import draw
+    shape = mean.shape[1:]
+    noise = draw(generator, lambda g, b, dev: torch.randn((b, *shape), generator=g, device=dev, dtype=mean.dtype),
+                 mean.shape[0], mean.device)
     return scale * (mean + std * noise)
 
 

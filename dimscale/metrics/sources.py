@@ -170,13 +170,9 @@ class ShardSource:
         return self.count
 
     def samples(self):
-        """Every sample of every shard, in order; unreadable shards are skipped and counted."""
+        """Every sample of every shard, in order; unreadable shards and samples are skipped and counted."""
         for url, limit in zip(self.urls, self.limits):
-            try:
-                yield from tario.shard_samples(url, limit, self.skipped)
-            except Exception as e:
-                self.skipped[getattr(e, "reason", "corrupt_shard")] += 1
-                log.warning("skipping the rest of shard %s: %s", url, str(e).split("\n")[0][:200])
+            yield from tario.shard_samples(url, limit, self.skipped)
 
     def batches(self, batch: int, rank: int, world: int, limit: int | None = None):
         """Yield (start, images, labels) for this rank's global batches, in order."""

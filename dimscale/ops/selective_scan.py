@@ -10,7 +10,6 @@ constant (D, N); D, delta_bias (D,). Output has u's dtype; last_state (B, D, N) 
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 

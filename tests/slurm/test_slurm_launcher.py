@@ -159,9 +159,15 @@ def assert_resumed(run_dir: str, log: str, total: int, batch: int, ckpt_every: i
     """The run was restarted at least once, every restart continued from a checkpoint no older than the last
     periodic one (images-seen continues), and it ended at total. Returns the resume points."""
     restarts = [int(r) for r in re.findall(r"\[launcher [\d:]+\] stage \S+ job \S+ restart (\d+)", log)]
-    resumes = [int(r) for r in re.findall(r"resumed from \S+ at (\d+) images", log)]
-    assert max(restarts) >= 1 and resumes and min(resumes) > 0, f"never resumed from a checkpoint:\n{log}"
-    seen, prev = [m["images_seen"] for m in metrics(run_dir)], 0
+    assert max(restarts) >= 1, f"never restarted:\n{log}"
+    return assert_continues(run_dir, log, total, batch, ckpt_every)
+
+
+def assert_continues(run_dir: str, log: str, total: int, batch: int, ckpt_every: int) -> list:
+    """Every rerun in the log continued from a checkpoint no older than the last periodic one, up to total."""
+    resumes = [m["images_seen"] for m in metrics(run_dir) if m.get("event") == "resumed"]
+    assert resumes and min(resumes) > 0, f"never resumed from a checkpoint:\n{log}"
+    seen, prev = [m["images_seen"] for m in metrics(run_dir) if "event" not in m], 0
     for v in seen:
         if v != prev + batch:  # a rerun starts over from its checkpoint
             start = v - batch
@@ -352,3 +358,53 @@ def test_queued_chain_is_said_to_be_queued_not_finished(trainer):
         assert f"job {job} PENDING" in status and "finished" not in status, status
     finally:
         subprocess.run(["scancel", job], capture_output=True)
+
+
+def squeue_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def test_requeued_onto_fewer_nodes_resumes(trainer):
+    """A --nodes 2 job is requeued, comes back on 1 node (the pending job reshaped, as an admin or a smaller
+    free partition would) and completes: DeepSpeed state and data order reshard, images-seen continues."""
+    out_dir, t = trainer["root"] / "renode", cfg_train(PRE)
+    out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "2", "--time", "10", "--sbatch", "nodelist=node[1-2]",
+                 "--set", f"out_dir={out_dir}", "--set", "name=renode")
+    (job,) = job_ids(out.stdout).values()
+    run_dir = str(out_dir / "renode")
+    wait_images(run_dir, t["ckpt_every_images"] + 2 * t["global_batch"], timeout=180)
+    subprocess.run(["scontrol", "requeuehold", job], check=True)  # SIGTERM now; pending and held afterwards
+    deadline = time.time() + 120
+    while squeue_state(job) != "PENDING" and time.time() < deadline:
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "ReqNodeList=node1"], check=True)
+    subprocess.run(["scontrol", "release", job], check=True)
+    wait_done([job], timeout=240, run_dir=run_dir)
+    log = job_log(run_dir, job)
+    assert re.search(r"restart 0 on .* world 2:", log) and re.search(r"restart 1 on .* world 1:", log), log
+    if trainer["real"]:
+        assert [(m["saved_world_size"], m["world_size"]) for m in metrics(run_dir) if m.get("event") == "resumed"] \
+            == [(2, 1)], log
+        assert {m["world_size"] for m in metrics(run_dir) if "event" not in m} == {1, 2}
+    assert_resumed(run_dir, log, t["total_images"], t["global_batch"], t["ckpt_every_images"])
+
+
+def test_chain_resubmitted_with_other_nodes_resumes(trainer):
+    """The same stage cancelled on 2 nodes and submitted again with --nodes 1 continues from checkpoints/latest."""
+    out_dir, t = trainer["root"] / "resubmit", cfg_train(PRE)
+    common = [PRE, "--stage", "pretrain", "--time", "10", "--set", f"out_dir={out_dir}", "--set", "name=resubmit"]
+    (job,) = job_ids(launch(trainer, *common, "--nodes", "2", "--sbatch", "nodelist=node[1-2]").stdout).values()
+    run_dir = str(out_dir / "resubmit")
+    wait_images(run_dir, t["ckpt_every_images"] + 2 * t["global_batch"], timeout=180)
+    subprocess.run(["scancel", job], check=True)
+    deadline = time.time() + 120
+    while squeue_state(job) and time.time() < deadline:
+        time.sleep(0.5)
+    (job2,) = job_ids(launch(trainer, *common, "--nodes", "1").stdout).values()
+    wait_done([job2], timeout=240, run_dir=run_dir)
+    log = job_log(run_dir, job) + job_log(run_dir, job2)
+    assert "world 2:" in job_log(run_dir, job) and "world 1:" in job_log(run_dir, job2), log
+    if trainer["real"]:
+        assert [(m["saved_world_size"], m["world_size"]) for m in metrics(run_dir) if m.get("event") == "resumed"] \
+            == [(2, 1)], log
+    assert_continues(run_dir, log, t["total_images"], t["global_batch"], t["ckpt_every_images"])

@@ -6,6 +6,7 @@ Data: photo crops sharded at 256 px (JPEG q90, one 256x256 bucket), read at 192 
 and resized. The floor decodes the same JPEG bytes from memory with the same helper in one plain loop (no tar,
 no batching). Repetitions alternate floor / 1 worker / 2 workers so CPU contention hits all alike; medians.
 Targets: 1 worker >= 0.9 x floor; 2 workers >= 1.7 x 1 worker (needs two otherwise idle cores).
+bytes_read_per_image(_4_ranks): shard bytes read per image delivered with 1 (4) ranks, vs the shards' own size.
 """
 import argparse
 import contextlib
@@ -55,6 +56,21 @@ def loader_rate(shards: str, side: int, workers: int, batches: int, micro_batch:
     return rate, (batches + 2) * micro_batch / (cpu_seconds() - c)
 
 
+def bytes_per_image(shards: str, side: int, world: int, batches: int, micro_batch: int) -> float:
+    """Shard bytes read per image delivered, summed over the ranks of a world (headers, samples, spooling)."""
+    from dimscale.config import DataConfig
+    from dimscale.data import build_loader
+    cfg = DataConfig(shards=shards, resolution=side, num_workers=0, shuffle_buffer=64)
+    read = images = 0
+    for rank in range(world):
+        loader = build_loader(cfg, micro_batch // world, rank=rank, world_size=world, seed=0, accumulation=1)
+        it = iter(loader)
+        for _ in range(batches):
+            next(it)
+        read, images = read + loader.counts()["bytes_read"], images + loader.counts()["images"]
+    return read / images
+
+
 def main(argv) -> dict:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="bench.py loader")
     p.add_argument("--images", type=int, default=512)
@@ -85,6 +101,9 @@ def main(argv) -> dict:
         for rep in range(a.reps):
             for name, fn in steps[rep % 3:] + steps[:rep % 3]:  # rotate the order: no side always runs first
                 runs[name].append(fn())
+        # the shard-sharing cost of the global data order: every rank indexes the shards it touches
+        shard_bytes = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(".tar"))
+        per_image = {w: bytes_per_image(shards, a.side, w, batches, a.micro_batch) for w in (1, 4)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
@@ -98,6 +117,8 @@ def main(argv) -> dict:
             # images per CPU-second: what the pipeline costs, independent of how busy the machine is
             "cpu_ratio_1_worker": round(cpu["one"] / cpu["floor"], 3),
             "floor_img_per_cpu_s": round(cpu["floor"], 1), "loader_img_per_cpu_s": round(cpu["one"], 1),
+            "bytes_read_per_image": round(per_image[1]), "bytes_read_per_image_4_ranks": round(per_image[4]),
+            "shard_bytes_per_image": round(shard_bytes / len(jpegs)),
             "images": len(jpegs), "micro_batch": a.micro_batch, "side": a.side, "reps": a.reps,
             "cpus": os.cpu_count(), "loadavg": round(os.getloadavg()[0], 2),
             "runs_img_s": {k: [round(r[0], 1) for r in v] for k, v in runs.items()}}
