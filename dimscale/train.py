@@ -440,4 +440,7 @@ def main(argv: list[str] | None = None, on_preempt=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if dist.is_initialized():   # stop gloo's / nccl's threads before the interpreter tears down
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -73,7 +73,7 @@ def test_compiled_dim_equals_eager_with_zero_graph_breaks():
 
 def test_compile_option_is_validated():
     assert ModelConfig().compile is False
-    cfg = RunConfig(model=ModelConfig(name="DiM-T/2", compile=True, scan_backend="chunked"))
+    cfg = RunConfig(model=ModelConfig(name="DiM-T/2", in_channels=3, compile=True, scan_backend="chunked"))
     with pytest.raises(ConfigError, match="model.compile"):
         validate(cfg)
     cfg.model.scan_backend = "triton"
