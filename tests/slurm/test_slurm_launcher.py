@@ -291,13 +291,19 @@ def test_chain_dry_run_matches_then_completes_from_snapshot(trainer):
     assert "submitted job" not in again and "nothing to submit" in again, again
 
 
-def test_scontrol_requeue_resumes_from_latest(trainer, time_limit_run):  # time-limit job runs alongside
-    out_dir, t = trainer["root"] / "requeue", cfg_train(PRE)
+def two_node_run_past_a_checkpoint(trainer, name: str) -> tuple:
+    """Submit the pretraining stage on both nodes and wait until it has trained past its first checkpoint."""
+    out_dir, t = trainer["root"] / name, cfg_train(PRE)
     out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "2", "--time", "10", "--sbatch", "nodelist=node[1-2]",
-                 "--set", f"out_dir={out_dir}", "--set", "name=requeue")
+                 "--set", f"out_dir={out_dir}", "--set", f"name={name}")
     (job,) = job_ids(out.stdout).values()
-    run_dir = str(out_dir / "requeue")
+    run_dir = str(out_dir / name)
     wait_images(run_dir, t["ckpt_every_images"] + 2 * t["global_batch"], timeout=180)
+    return job, run_dir, t
+
+
+def test_scontrol_requeue_resumes_from_latest(trainer, time_limit_run):  # time-limit job runs alongside
+    job, run_dir, t = two_node_run_past_a_checkpoint(trainer, "requeue")
     subprocess.run(["scontrol", "requeue", job], check=True)  # no USR2: SIGTERM, then SIGKILL after KillWait
     wait_done([job], timeout=180, run_dir=run_dir)
     assert_resumed(run_dir, job_log(run_dir, job), t["total_images"], t["global_batch"], t["ckpt_every_images"])
@@ -367,12 +373,7 @@ def squeue_state(job: str) -> str:
 def test_requeued_onto_fewer_nodes_resumes(trainer):
     """A --nodes 2 job is requeued, comes back on 1 node (the pending job reshaped, as an admin or a smaller
     free partition would) and completes: DeepSpeed state and data order reshard, images-seen continues."""
-    out_dir, t = trainer["root"] / "renode", cfg_train(PRE)
-    out = launch(trainer, PRE, "--stage", "pretrain", "--nodes", "2", "--time", "10", "--sbatch", "nodelist=node[1-2]",
-                 "--set", f"out_dir={out_dir}", "--set", "name=renode")
-    (job,) = job_ids(out.stdout).values()
-    run_dir = str(out_dir / "renode")
-    wait_images(run_dir, t["ckpt_every_images"] + 2 * t["global_batch"], timeout=180)
+    job, run_dir, t = two_node_run_past_a_checkpoint(trainer, "renode")
     subprocess.run(["scontrol", "requeuehold", job], check=True)  # SIGTERM now; pending and held afterwards
     deadline = time.time() + 120
     while squeue_state(job) != "PENDING" and time.time() < deadline:
