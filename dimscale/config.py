@@ -394,9 +394,19 @@ def load_config(path: str, overrides: Optional[list] = None, world_size: Optiona
     return validate(cfg, world_size)
 
 
+def write_json_atomic(path: str, obj, indent: int | None = 2) -> None:
+    """Write JSON under a temporary name, then rename: a reader (another rank, the launcher) sees the old file or
+    the whole new one, never an empty or half-written one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write the resolved config atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, to_dict(cfg))

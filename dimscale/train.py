@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from dimscale import checkpoint, distributed
-from dimscale.config import ConfigError, RunConfig, check_paths, load_config, save_config
+from dimscale.config import ConfigError, RunConfig, check_paths, load_config, save_config, write_json_atomic
 from dimscale.data import build_loader
 from dimscale.diffusion import Schedule, drop_labels, training_loss
 from dimscale.diffusion.schedule import image_generators
@@ -298,9 +298,9 @@ def finish(run: Run) -> None:
         save_ema_snapshot(run)
     skipped = skipped_inputs(run)
     if run.rank == 0:
-        with open(os.path.join(run.cfg.run_dir, "done.json"), "w") as f:
-            json.dump({**dataclasses.asdict(run.state), "skipped_inputs": skipped,
-                       "snapshot": os.path.abspath(run.snapshot_dir)}, f)
+        write_json_atomic(os.path.join(run.cfg.run_dir, "done.json"),
+                          {**dataclasses.asdict(run.state), "skipped_inputs": skipped,
+                           "snapshot": os.path.abspath(run.snapshot_dir)}, indent=None)
         print(f"[{run.cfg.name}] finished: {run.state.images_seen} images, snapshot {run.snapshot_dir}"
               + (f", skipped inputs {skipped}" if skipped else ""), flush=True)
 

@@ -82,3 +82,15 @@ def test_bad_config_under_torchrun_is_said_once_with_exit_code_2(tmp_path):
     root_cause = proc.stderr.split("Root Cause")[1]
     assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause, proc.stderr[-3000:]
     assert 'dimscale/train.py", line' not in proc.stderr  # no traceback from the trainer
+
+
+def test_write_json_atomic_never_leaves_a_partial_file(tmp_path):
+    """A failed write keeps the old file whole and leaves no temporary behind (the launcher reads done.json while
+    rank 0 writes it)."""
+    from dimscale.config import write_json_atomic
+    path = tmp_path / "done.json"
+    write_json_atomic(str(path), {"images_seen": 64})
+    with pytest.raises(TypeError):
+        write_json_atomic(str(path), {"images_seen": object()})  # json.dump fails half-way through
+    assert json.loads(path.read_text()) == {"images_seen": 64}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"]

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimscale.config import write_json_atomic  # noqa: E402
 from dimscale.data.buckets import bucket_name, nearest_bucket, parse_bucket_table  # noqa: E402
 from dimscale.data.images import read_idx, resize_center_crop, to_mode, upright_size  # noqa: E402
 
@@ -260,12 +261,6 @@ def process_shard(spec: ShardSpec, opts: dict, keep_pixels: bool = False) -> tup
     return samples, pixels, skipped
 
 
-def write_json_atomic(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def write_shard(out_dir: str, spec: ShardSpec, samples: list, skipped: Counter) -> dict:
     """tar -> .tmp, sidecar json, then rename: the tar appears only when complete."""
     path = os.path.join(out_dir, spec.name + ".tar")
@@ -280,7 +275,7 @@ def write_shard(out_dir: str, spec: ShardSpec, samples: list, skipped: Counter) 
     side = {"shard": spec.name + ".tar", "bucket": bucket_name(*spec.bucket), "count": len(samples),
             "inputs": len(spec.records), "input_hash": spec.input_hash(), "skipped": dict(skipped),
             "classes": dict(Counter(int(s["cls"]) for s in samples))}
-    write_json_atomic(path[:-4] + ".json", side)
+    write_json_atomic(path[:-4] + ".json", side, indent=1)
     os.replace(path + ".tmp", path)
     return side
 
@@ -482,7 +477,7 @@ def main(argv=None) -> int:
         skips.update(s["skipped"] if s else {})
     manifest = build_manifest(a, a.out, shards, table, class_map, source, probe_skips, opts)
     if manifest is not None:
-        write_json_atomic(os.path.join(a.out, "manifest.json"), manifest)
+        write_json_atomic(os.path.join(a.out, "manifest.json"), manifest, indent=1)
     print_summary(a, shards, mine, todo, sides, skips, written, manifest, time.time() - t0)
     return 0 if written > 0 else 1
 
