@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dimscale.config import write_json_atomic  # noqa: E402
 from dimscale.data.buckets import bucket_name, nearest_bucket, parse_bucket_table  # noqa: E402
-from dimscale.data.images import read_idx, resize_center_crop, to_mode, upright_size  # noqa: E402
+from dimscale.data.images import read_idx, resize_center_crop, to_mode, to_model_input, upright_size  # noqa: E402
 
 TOOL_VERSION = "1.0"
 if sys.platform.startswith("linux"):
@@ -330,7 +330,7 @@ def load_vae_encoder(path: str):
     def encode_batch(pixels: list, batch: int) -> list:
         out = []
         for i in range(0, len(pixels), batch):
-            x = torch.from_numpy(np.stack(pixels[i:i + batch])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = to_model_input(torch.from_numpy(np.stack(pixels[i:i + batch])).to(device).permute(0, 3, 1, 2))
             with torch.no_grad():
                 out += list(encode_moments(vae, x).float().cpu().numpy())
         return out

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import typing
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if typing.TYPE_CHECKING:  # torch is not needed to read images (tools/make_shards.py workers never import it)
+    import torch
 
 # Quality of the one resampling step. Pillow's JPEG draft (DCT-domain 1/2, 1/4, 1/8 downscale while decoding)
 # runs first when the source is at least twice the target: much faster and close to an area filter.
@@ -102,3 +106,8 @@ def write_planes(im: Image.Image, out: np.ndarray) -> None:
     """Copy an RGB / L image into out (C, H, W) uint8, one band at a time (no HWC -> CHW transpose pass)."""
     for c, band in enumerate(im.getbands()):
         out[c] = np.frombuffer(im.tobytes("raw", band), np.uint8).reshape(out.shape[1:])
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in [-1, 1]: x / 127.5 - 1 (what the VAE and the model take)."""
+    return pixels.float().div_(127.5).sub_(1.0)

@@ -2,7 +2,9 @@
 
     loader = build_loader(cfg.data, micro_batch=32, rank=rank, world_size=world, seed=cfg.train.seed,
                           accumulation=acc)
-    for batch in loader:            # {"x": (B, C, H, W) in [-1, 1], "y": (B,), "bucket": "256x256", "key": [...],
+    for batch in loader:            # {"x": (B, C, H, W) uint8 pixels (dimscale.data.images.to_model_input makes
+                                    #  them [-1, 1] on the device) or float32 VAE moments, "y": (B,),
+                                    #  "bucket": "256x256", "key": [...],
         ...                         #  "step": global step, "index": [B places in the global batch]}
         ckpt["data"] = loader.state_dict()          # a global position: step + one cursor per bucket
 
@@ -33,7 +35,9 @@ to a temporary file first, so each rank that touches such a shard reads all of i
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import gc
 import io
 import itertools
 import logging
@@ -112,9 +116,9 @@ class BucketSequence:
         self.window_order = functools.lru_cache(maxsize=64)(self._window_order)
 
     def _epoch(self, e: int) -> tuple:
-        """(shard permutation, cumulative counts in that order) of epoch e."""
+        """(shard permutation, cumulative counts in that order) of epoch e, as lists (bisect: no numpy per image)."""
         perm = np.random.default_rng([self.seed, self.bucket_id, e, 0x5A4D]).permutation(len(self.urls))
-        return perm, np.cumsum(self.counts[perm])
+        return perm.tolist(), np.cumsum(self.counts[perm]).tolist()
 
     def _window_order(self, e: int, g: int, w: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.bucket_id, e, g, w, 0x57]).permutation(n)
@@ -123,11 +127,11 @@ class BucketSequence:
         """(shard index into urls, sample index inside the shard file) of position p."""
         e, o = divmod(p, self.total)
         perm, cum = self.epoch(e)
-        g = int(np.searchsorted(cum, o, side="right"))
-        k = o - (int(cum[g - 1]) if g else 0)
+        g = bisect.bisect_right(cum, o)
+        k = o - (cum[g - 1] if g else 0)
         w, j = divmod(k, self.window)
         wlen = min(self.window, int(self.counts[perm[g]]) - w * self.window)
-        return int(perm[g]), w * self.window + int(self.window_order(e, g, w, wlen)[j])
+        return perm[g], w * self.window + int(self.window_order(e, g, w, wlen)[j])
 
     def shard(self, i: int) -> Shard:
         if i not in self.open:
@@ -175,6 +179,7 @@ class RankBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, spec: dict, start_step: int, cursor: dict):
         self.spec, self.start_step, self.cursor = spec, start_step, cursor
+        self.scratch: dict = {}  # (B, C, H, W) -> uint8 buffer the images are written into, reused batch to batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -235,16 +240,16 @@ class RankBatches(torch.utils.data.IterableDataset):
         if self.spec["random_flip"]:  # micro-batches start at multiples of micro_batch whatever the world size
             flip = np.random.default_rng([self.spec["seed"], step, q0, 0xF11]).random(len(xs)) < 0.5
         w, h = xs[0].size
-        out = np.empty((len(xs), len(xs[0].getbands()), h, w), np.uint8)
+        shape = (len(xs), len(xs[0].getbands()), h, w)
+        if shape not in self.scratch:
+            self.scratch[shape] = np.empty(shape, np.uint8)
+        out = self.scratch[shape]
         for i, (im, f) in enumerate(zip(xs, flip)):
             write_planes(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else im, out[i])
-        # uint8 crosses the worker -> trainer pipe (4x less than float); the consumer makes floats
-        return {"pixels": torch.from_numpy(out)}
-
-
-def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, H, W) in [-1, 1]."""
-    return pixels.float().mul_(1 / 127.5).sub_(1.0)  # uint8 * float scalar takes a ~4x slower casting path
+        # uint8 all the way to the device: 4x less to pass between processes and to copy to the GPU, and the
+        # float conversion runs there. default_collate copies the reused buffer into a new tensor, in a
+        # DataLoader worker one in shared memory, so sending it to the trainer copies nothing more.
+        return {"x": torch.utils.data.default_collate(list(torch.from_numpy(out)))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,8 +307,12 @@ class ShardLoader:
         start, first = self.step, self.micro
         dataset = RankBatches(self.spec, start, self.cursor)
         if self.num_workers > 0:
-            # no pin_memory: the uint8 batch becomes a new float tensor here anyway
-            batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+            gc.freeze()  # the forked workers' garbage collector leaves the trainer's objects alone: their pages
+            try:         # stay shared with the trainer instead of being copied into every worker
+                batches = iter(loader)  # the workers start here
+            finally:
+                gc.unfreeze()
         else:
             batches = dataset.batches(0)
         if first % acc:  # resumed mid-step: drop the micro-batches already taken
@@ -313,8 +322,6 @@ class ShardLoader:
             if batch.pop("_micro") != self.micro:  # the DataLoader's round-robin order is what makes workers line up
                 raise RuntimeError(f"loader out of order: expected micro-batch {self.micro}")
             self.skipped.update(batch.pop("_counts"))
-            if "pixels" in batch:
-                batch["x"] = to_model_input(batch.pop("pixels"))
             self.seen_bucket[batch["bucket"]] += len(batch["y"])
             self.seen_class.update(batch["y"].tolist())
             self.micro += 1

@@ -10,6 +10,7 @@ import os
 import torch
 
 from dimscale.config import VAE_FACTOR, VAE_SCALE  # noqa: F401  (re-exported: the VAE's constants)
+from dimscale.data.images import to_model_input
 
 
 def load_vae(path: str, device: str | torch.device = "cpu"):
@@ -61,6 +62,8 @@ class ModelInputs:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # the loader's pixels, made [-1, 1] here, on the device
+            x = to_model_input(x)
         if self.data.latent == "online":  # docs/reference.md §3.3 (256): encode under no_grad, then sample
             x = encode_moments(self.vae, x.to(next(self.vae.parameters()).dtype))
         if self.data.latent != "none":  # a fresh posterior sample scale * (mu + sigma * eps) (docs/reference.md §3.3)
