@@ -54,6 +54,7 @@ from dimscale.data.tario import Shard, ShardError, bucket_member_limit, read_man
 log = logging.getLogger("dimscale.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 STATE_VERSION = 2
+IMAGE_BLOCKS_KEPT = 16  # a decode, a resize and a flip are live per image: 16 kept blocks are plenty
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +253,14 @@ class RankBatches(torch.utils.data.IterableDataset):
         return {"x": torch.utils.data.default_collate(list(torch.from_numpy(out)))}
 
 
+def keep_image_blocks(worker_id: int) -> None:
+    """DataLoader worker start: Pillow keeps freed image memory for the next image (its PILLOW_BLOCKS_MAX),
+    instead of handing it back to malloc, which in a fresh worker can map and fault it anew for every image."""
+    set_blocks_max = getattr(Image.core, "set_blocks_max", None)
+    if set_blocks_max is not None:
+        set_blocks_max(IMAGE_BLOCKS_KEPT)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loader the trainer holds
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +316,8 @@ class ShardLoader:
         start, first = self.step, self.micro
         dataset = RankBatches(self.spec, start, self.cursor)
         if self.num_workers > 0:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 worker_init_fn=keep_image_blocks)
             gc.freeze()  # the forked workers' garbage collector leaves the trainer's objects alone: their pages
             try:         # stay shared with the trainer instead of being copied into every worker
                 batches = iter(loader)  # the workers start here
