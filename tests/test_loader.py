@@ -403,3 +403,14 @@ def test_tar_index_reads_ustar_gnu_and_pax_names(tmp_path, fmt):
     assert shard.error is None
     assert [k for k, _ in shard.samples] == ["a/000001", long_key]
     assert shard.sample(1) == {"__key__": long_key, "png": b"two", "cls": b"3"}
+
+
+def test_uint8_pixels_become_minus_one_to_one_in_model_inputs():
+    """The loader hands uint8 pixels on; the trainer's ModelInputs makes them x / 127.5 - 1 on the device."""
+    from dimscale.diffusion.vae import ModelInputs
+    inputs = ModelInputs(DataConfig(shards="unused", latent="none"), in_channels=3, device=torch.device("cpu"))
+    pixels = torch.tensor([0, 51, 128, 255], dtype=torch.uint8).reshape(1, 1, 2, 2).repeat(2, 3, 1, 1)
+    x = inputs(pixels, None)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 2, 2)
+    assert torch.equal(x, pixels.float() / 127.5 - 1)
+    assert x.min() == -1.0 and x.max() == 1.0

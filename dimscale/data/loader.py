@@ -316,8 +316,10 @@ class ShardLoader:
         start, first = self.step, self.micro
         dataset = RankBatches(self.spec, start, self.cursor)
         if self.num_workers > 0:
+            # pinned batches make the trainer's .to(device, non_blocking=True) of the uint8 pixels a real async copy
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                 worker_init_fn=keep_image_blocks)
+                                                 worker_init_fn=keep_image_blocks,
+                                                 pin_memory=torch.cuda.is_available())
             gc.freeze()  # the forked workers' garbage collector leaves the trainer's objects alone: their pages
             try:         # stay shared with the trainer instead of being copied into every worker
                 batches = iter(loader)  # the workers start here
