@@ -39,7 +39,7 @@ from dimscale.diffusion.vae import ModelInputs
 from dimscale.ema import EMA
 from dimscale.engine import build_engine, local_grad_norm
 from dimscale.logger import RunLogger, memory_gib
-from dimscale.snapshot import run_meta, save_snapshot
+from dimscale.snapshot import META, run_meta, save_snapshot
 
 PREEMPTED = 3
 # gloo's collectives warn on every call about renamed functions that DeepSpeed still uses
@@ -292,8 +292,10 @@ def skipped_inputs(run: Run) -> dict:
 def finish(run: Run) -> None:
     """Collective: whatever a finished stage still owes after its final checkpoint (a kill may have come between):
     the final EMA snapshot and done.json, so a finished stage never leaves an older snapshot behind."""
-    snap_json = os.path.join(run.snapshot_dir, "snapshot.json")
-    snap_images = json.load(open(snap_json))["images_seen"] if os.path.isfile(snap_json) else None
+    snap_json, snap_images = os.path.join(run.snapshot_dir, META), None
+    if os.path.isfile(snap_json):
+        with open(snap_json) as f:
+            snap_images = json.load(f)["images_seen"]
     if snap_images != run.state.images_seen:
         save_ema_snapshot(run)
     skipped = skipped_inputs(run)

@@ -255,14 +255,12 @@ class Shard:
         key, members = self.samples[k]
         if any(size > self.max_member for _, size in members.values()):
             raise ShardError(f"sample {key} has a member over {self.max_member} bytes", "oversized_member")
-        out, read = {"__key__": key}, 0
+        out = {"__key__": key}
         for ext, (at, size) in members.items():
             out[ext] = os.pread(self.fd, size, at)  # one call per member: no seek, no buffer in between
-            read += len(out[ext])
+            self.counter["bytes_read"] += len(out[ext])
             if len(out[ext]) < size:
-                self.counter["bytes_read"] += read
                 raise EOFError(f"sample {key} is cut short")
-        self.counter["bytes_read"] += read
         return out
 
     def close(self):
