@@ -122,6 +122,30 @@ def test_exact_resume_with_two_workers(photos):
         build_loader(cfg, 3, 0, 1, seed=8).load_state_dict(state)
 
 
+def test_held_batches_keep_their_pixels_while_worker_slots_are_refilled(photos):
+    """Workers write pixels into reused shared slots (BatchSlots); batches the consumer holds must not change."""
+    in_process = take(build_loader(DataConfig(shards=str(photos), resolution=64, num_workers=0, shuffle_buffer=2),
+                                   3, 0, 1, seed=3), 24)
+    for workers in (1, 2):  # 24 batches: each worker's 3 slots are refilled 4 to 8 times while all are held
+        cfg = DataConfig(shards=str(photos), resolution=64, num_workers=workers, shuffle_buffer=2)
+        held = take(build_loader(cfg, 3, 0, 1, seed=3), 24)
+        for a, b in zip(in_process, held):
+            assert a["key"] == b["key"] and torch.equal(a["y"], b["y"]) and torch.equal(a["x"], b["x"])
+
+
+def test_a_worker_waiting_for_a_slot_gives_up_when_the_trainer_is_gone(monkeypatch):
+    from dimscale.data import loader as loader_module
+    monkeypatch.setattr(loader_module, "SLOT_WAIT_S", 0.05)
+    slots = loader_module.BatchSlots(workers=1, nbytes=12)
+    taken = [slots.take(0, (1, 3, 2, 2))[0] for _ in range(slots.per_worker)]
+    assert taken == [0, 1, 2]  # each slot once, in turn
+    slots.copy_out(0, 0, (1, 3, 2, 2))
+    assert slots.take(0, (1, 3, 2, 2))[0] == 0  # the freed slot comes round again
+    slots.trainer_pid = -1  # as seen from a worker whose trainer has exited
+    with pytest.raises(RuntimeError, match="trainer process has exited"):
+        slots.take(0, (1, 3, 2, 2))
+
+
 def global_steps(shards, world, acc, workers, steps, states=None, micro_batch=1, seed=5):
     """{global step: [(key, place, bucket, x)]} over all ranks of a world (in one process), and the loaders."""
     cfg = DataConfig(shards=str(shards), resolution=64, num_workers=workers, shuffle_buffer=3)

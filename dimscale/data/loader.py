@@ -41,6 +41,10 @@ import gc
 import io
 import itertools
 import logging
+import math
+import mmap
+import multiprocessing
+import os
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -55,6 +59,8 @@ log = logging.getLogger("dimscale.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 STATE_VERSION = 2
 IMAGE_BLOCKS_KEPT = 16  # a decode, a resize and a flip are live per image: 16 kept blocks are plenty
+PREFETCH_FACTOR = 2  # micro-batches each DataLoader worker works ahead (torch's default)
+SLOT_WAIT_S = 5.0  # a worker waiting for a free BatchSlots slot checks this often that the trainer is alive
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +168,48 @@ class BucketSequence:
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared-memory slots the DataLoader workers write pixel batches into, reused batch after batch
+# ------------------------------------------------------------------------------------------------
+
+class BatchSlots:
+    """Shared-memory buffers, PREFETCH_FACTOR + 1 per worker, that workers fill and the trainer's process empties.
+
+    Why: a tensor a DataLoader worker returns lands in fresh shared memory every batch. The kernel zeroes and maps
+    it page by page, a file descriptor per tensor travels over a socket, and both processes unmap and free it
+    again: 10-20% of a 1-worker loader's time here (docs/engineering-notes.md §D.5). Made before the
+    workers fork, the slots are mapped once. Worker w fills its slots in turn and sends only the slot's number;
+    the trainer's process copies the pixels out (into pinned memory on CUDA: the copy pin_memory makes anyway) and
+    releases the slot on w's semaphore, so a slot is never written while its pixels are still to be read. A worker
+    has at most PREFETCH_FACTOR micro-batches in flight, so one more slot means it never waits.
+    """
+
+    def __init__(self, workers: int, nbytes: int):
+        self.per_worker = PREFETCH_FACTOR + 1
+        # anonymous MAP_SHARED memory: the fork-started workers share it; no file, no name, nothing left behind
+        self.shared = mmap.mmap(-1, workers * self.per_worker * nbytes)
+        self.memory = torch.frombuffer(self.shared, dtype=torch.uint8).view(workers * self.per_worker, nbytes)
+        self.free = [multiprocessing.get_context("fork").Semaphore(self.per_worker) for _ in range(workers)]
+        self.trainer_pid = os.getpid()
+        self.turn = [0] * workers  # next slot of each worker, counted in the process that fills it
+
+    def take(self, worker: int, shape: tuple) -> tuple:
+        """(slot, uint8 array of `shape` on it) for worker `worker` to fill; waits until the slot is free."""
+        while not self.free[worker].acquire(timeout=SLOT_WAIT_S):
+            if os.getppid() != self.trainer_pid:  # never wait for a trainer that is gone
+                raise RuntimeError("the loader's trainer process has exited")
+        slot = worker * self.per_worker + self.turn[worker] % self.per_worker
+        self.turn[worker] += 1
+        return slot, self.memory[slot, :math.prod(shape)].view(shape).numpy()
+
+    def copy_out(self, worker: int, slot: int, shape: tuple) -> torch.Tensor:
+        """The trainer's side: copy slot's `shape` pixels into memory of this process, then free the slot."""
+        x = torch.empty(shape, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        x.copy_(self.memory[slot, :math.prod(shape)].view(shape))
+        self.free[worker].release()
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
 # Micro-batches of this rank (run inside DataLoader workers, or in the main process when num_workers=0)
 # ------------------------------------------------------------------------------------------------
 
@@ -178,9 +226,8 @@ def walk_schedule(schedule: BucketSchedule, per_step: int, step: int, cursor: di
 class RankBatches(torch.utils.data.IterableDataset):
     """Micro-batches start, start + W, ... of this rank for worker w (start + w), W = max(1, num_workers)."""
 
-    def __init__(self, spec: dict, start_step: int, cursor: dict):
-        self.spec, self.start_step, self.cursor = spec, start_step, cursor
-        self.scratch: dict = {}  # (B, C, H, W) -> uint8 buffer the images are written into, reused batch to batch
+    def __init__(self, spec: dict, start_step: int, cursor: dict, slots: BatchSlots | None = None):
+        self.spec, self.start_step, self.cursor, self.slots = spec, start_step, cursor, slots
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -204,9 +251,8 @@ class RankBatches(torch.utils.data.IterableDataset):
                     xs.append(x)
                     ys.append(y)
                     keys.append(key)
-                yield {**self.collate(xs, s, q0), "y": torch.tensor(ys, dtype=torch.long), "bucket": name,
-                       "key": keys, "step": s, "index": list(range(q0, q0 + mb)), "_micro": micro,
-                       "_counts": dict(counter)}
+                yield {**self.collate(xs, s, q0, worker), "y": ys, "bucket": name, "key": keys, "step": s,
+                       "index": list(range(q0, q0 + mb)), "_micro": micro, "_counts": dict(counter)}
                 counter.clear()
                 micro += lanes
 
@@ -233,8 +279,13 @@ class RankBatches(torch.utils.data.IterableDataset):
         data = next(sample[k] for k in IMAGE_KEYS if k in sample)
         return decode_image(data, tw, th, self.spec["channels"])
 
-    def collate(self, xs: list, step: int, q0: int) -> dict:
-        """Stack moments, or random-flip (seeded by step and place in the global batch) and stack pixels as uint8."""
+    def collate(self, xs: list, step: int, q0: int, worker: int) -> dict:
+        """Stack moments, or random-flip (seeded by step and place in the global batch) and stack pixels as uint8.
+
+        Pixels stay uint8 all the way to the device: 4x less to pass between processes and to copy to the GPU;
+        the float conversion runs there. In a DataLoader worker they go into a shared slot (BatchSlots) and the
+        batch names the slot instead of holding "x".
+        """
         if self.spec["latent"] == "moments":
             return {"x": torch.from_numpy(np.stack(xs))}  # flipped moments != moments of the flipped image
         flip = np.zeros(len(xs), bool)
@@ -242,15 +293,22 @@ class RankBatches(torch.utils.data.IterableDataset):
             flip = np.random.default_rng([self.spec["seed"], step, q0, 0xF11]).random(len(xs)) < 0.5
         w, h = xs[0].size
         shape = (len(xs), len(xs[0].getbands()), h, w)
-        if shape not in self.scratch:
-            self.scratch[shape] = np.empty(shape, np.uint8)
-        out = self.scratch[shape]
+        if self.slots is not None:
+            slot, out = self.slots.take(worker, shape)
+            batch = {"_slot": (worker, slot, shape)}
+        else:
+            x = torch.empty(shape, dtype=torch.uint8)
+            out, batch = x.numpy(), {"x": x}
         for i, (im, f) in enumerate(zip(xs, flip)):
             write_planes(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else im, out[i])
-        # uint8 all the way to the device: 4x less to pass between processes and to copy to the GPU, and the
-        # float conversion runs there. default_collate copies the reused buffer into a new tensor, in a
-        # DataLoader worker one in shared memory, so sending it to the trainer copies nothing more.
-        return {"x": torch.utils.data.default_collate(list(torch.from_numpy(out)))}
+        return batch
+
+
+def empty_slot(batch: dict, slots: BatchSlots) -> dict:
+    """A worker's batch with its pixels copied out of their shared slot (freed for the worker's next batch)."""
+    worker, slot, shape = batch.pop("_slot")
+    batch["x"] = slots.copy_out(worker, slot, shape)
+    return batch
 
 
 def keep_image_blocks(worker_id: int) -> None:
@@ -314,11 +372,18 @@ class ShardLoader:
     def __iter__(self):
         acc = self.spec["accumulation"]
         start, first = self.step, self.micro
-        dataset = RankBatches(self.spec, start, self.cursor)
+        slots = None
+        if self.num_workers > 0 and self.spec["latent"] != "moments":  # room for the largest pixel micro-batch
+            sizes, mbs = self.spec["sizes"], self.spec["micro_batches"]
+            largest = max(mb * math.prod(sizes[name]) for name, mb in zip(self.spec["names"], mbs))
+            slots = BatchSlots(self.num_workers, self.spec["channels"] * largest)
+        dataset = RankBatches(self.spec, start, self.cursor, slots)
         if self.num_workers > 0:
-            # pinned batches make the trainer's .to(device, non_blocking=True) of the uint8 pixels a real async copy
+            # pinned batches (moments here, pixels in BatchSlots.copy_out) make the trainer's
+            # .to(device, non_blocking=True) a real async copy
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                 worker_init_fn=keep_image_blocks,
+                                                 worker_init_fn=keep_image_blocks, prefetch_factor=PREFETCH_FACTOR,
+                                                 multiprocessing_context="fork",  # BatchSlots are inherited
                                                  pin_memory=torch.cuda.is_available())
             gc.freeze()  # the forked workers' garbage collector leaves the trainer's objects alone: their pages
             try:         # stay shared with the trainer instead of being copied into every worker
@@ -327,6 +392,8 @@ class ShardLoader:
                 gc.unfreeze()
         else:
             batches = dataset.batches(0)
+        if slots is not None:  # every batch leaves its slot at once, also those dropped below
+            batches = (empty_slot(b, slots) for b in batches)
         if first % acc:  # resumed mid-step: drop the micro-batches already taken
             batches = itertools.islice(batches, first % acc, None)
         plan = walk_schedule(self.schedule, acc * self.spec["world_size"], start, self.cursor)
@@ -334,8 +401,10 @@ class ShardLoader:
             if batch.pop("_micro") != self.micro:  # the DataLoader's round-robin order is what makes workers line up
                 raise RuntimeError(f"loader out of order: expected micro-batch {self.micro}")
             self.skipped.update(batch.pop("_counts"))
-            self.seen_bucket[batch["bucket"]] += len(batch["y"])
-            self.seen_class.update(batch["y"].tolist())
+            labels = batch["y"]  # a list from the worker: a tensor would travel in shared memory of its own
+            batch["y"] = torch.tensor(labels, dtype=torch.long)
+            self.seen_bucket[batch["bucket"]] += len(labels)
+            self.seen_class.update(labels)
             self.micro += 1
             if self.micro % acc == 0:  # a step is complete: the cursor moves to the next step's positions
                 s, name, mb, p = next(plan)
